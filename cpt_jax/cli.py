@@ -1,14 +1,25 @@
-"""The `cpt-jax` command line."""
+"""The `cpt-jax` command line: a thin dispatcher; each subcommand lives next to the code it drives."""
 
 import argparse
+import importlib
 import sys
+
+# subcommand -> module exposing `register(subparsers)`, which adds the parser and sets `func`.
+# Modules are imported lazily so `cpt-jax --help` stays fast and `aot` can set JAX flags first.
+_COMMANDS = {}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="cpt-jax", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in _COMMANDS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="cpt-jax", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
-    args = parser.parse_args(argv)
-    return args
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":
