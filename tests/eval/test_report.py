@@ -1,0 +1,128 @@
+"""The markdown report and plots rendered from synthetic results summaries."""
+
+import json
+
+import PIL.Image
+import pytest
+
+from cpt_jax import cli
+from cpt_jax.eval.metrics import summarize
+from cpt_jax.eval.report import load_summaries, write_report
+
+TASKS = ["count", "colour", "shape"]
+# SFT forgets: FM = ((0.3 - 0.8) + (0.6 - 0.9)) / 2 = -0.4; AA = (0.3 + 0.6 + 0.7) / 3.
+SFT_MATRIX = [[0.8, None, None], [0.5, 0.9, None], [0.3, 0.6, 0.7]]
+# RFT keeps: FM = ((0.7 - 0.75) + (0.8 - 0.85)) / 2 = -0.05; AA = (0.7 + 0.8 + 0.65) / 3.
+RFT_MATRIX = [[0.75, None, None], [0.72, 0.85, None], [0.7, 0.8, 0.65]]
+RFT_DIAGNOSTICS = {
+    "reward_var": [0.2, 0.15, None, 0.05],
+    "zero_var_frac": [0.1, 0.3, 0.5, 0.7],
+    "risk_ratio": [0.8, 0.6, 0.4, None],
+    "kept_fraction": 0.625,
+}
+
+
+def _sft():
+    return summarize("sft", TASKS, SFT_MATRIX, {"mmmu": 0.52}, {"mmmu": 0.401})
+
+
+def _rft(matrix=RFT_MATRIX, diagnostics=RFT_DIAGNOSTICS):
+    return summarize("rft", TASKS, matrix, {"mmmu": 0.52}, {"mmmu": 0.542}, diagnostics)
+
+
+def _write(path, contents):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(contents))
+
+
+def _assert_png(path):
+    assert path.stat().st_size > 1000
+    with PIL.Image.open(path) as image:
+        image.verify()
+    with PIL.Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) > 100
+
+
+def test_per_method_runs_render_tables_plots_and_the_comparison(tmp_path):
+    _write(tmp_path / "sft" / "results" / "summary.json", _sft())
+    _write(tmp_path / "rft" / "results" / "summary.json", _rft())
+
+    report = write_report(tmp_path)
+
+    assert report == tmp_path / "report.md"
+    text = report.read_text()
+    assert "In this run RFT forgot less than SFT (FM -5.0 vs -40.0)." in text
+    # Summary rows: AA, FM, FM_max, BWT, mean plasticity, general before -> after (in %).
+    assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | 52.0 → 40.1 |" in text
+    assert "| rft | 71.7 | -5.0 | -5.0 | -5.0 | 75.0 | 52.0 → 54.2 |" in text
+    # Diagnostics: scalars as recorded, per-step series as their mean over the recorded steps.
+    assert "| rft | 0.1333 | 0.4 | 0.6 | 0.625 |" in text
+    # Accuracy matrix rows, untrained entries as dashes.
+    assert "| after 2: colour | 50.0 | 90.0 | – |" in text
+    assert "| after 3: shape | 70.0 | 80.0 | 65.0 |" in text
+    plots = ["accuracy_matrix.png", "task_accuracy.png", "reward_variance.png", "risk_vs_variance.png"]
+    for name in plots:
+        assert f"(plots/{name})" in text
+        _assert_png(tmp_path / "plots" / name)
+
+
+def test_comparison_reports_the_outcome_whichever_way_it_goes(tmp_path):
+    forgetful_rft = [[0.9, None, None], [0.2, 0.9, None], [0.1, 0.2, 0.9]]  # FM = ((0.1-0.9) + (0.2-0.9)) / 2
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": _rft(forgetful_rft, None)}})
+
+    text = write_report(tmp_path).read_text()
+
+    assert "In this run RFT forgot more than SFT (FM -75.0 vs -40.0)." in text
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy_matrix.png", "task_accuracy.png"]
+    assert "Training diagnostics" not in text
+
+
+def test_single_run_workdir(tmp_path):
+    _write(tmp_path / "results" / "summary.json", _rft())
+
+    text = write_report(tmp_path).read_text()
+
+    assert "| rft | 71.7 | -5.0 |" in text
+    assert "forgot" not in text  # no SFT run to compare with
+    _assert_png(tmp_path / "plots" / "risk_vs_variance.png")
+
+
+def test_a_methods_own_results_override_the_combined_summary(tmp_path):
+    stale = _rft([[0.1, None, None], [0.1, 0.1, None], [0.1, 0.1, 0.1]], None)
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": stale}})
+    _write(tmp_path / "rft" / "results" / "summary.json", _rft())
+
+    summaries = load_summaries(tmp_path)
+
+    assert list(summaries) == ["sft", "rft"]
+    assert summaries["rft"]["accuracy_matrix"] == RFT_MATRIX
+
+
+def test_missing_or_malformed_results_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results in"):
+        write_report(tmp_path)
+    summary = _sft()
+    del summary["FM"]
+    _write(tmp_path / "sft" / "results" / "summary.json", summary)
+    with pytest.raises(ValueError, match=r"sft/results/summary.json lacks \['FM'\]"):
+        write_report(tmp_path)
+    _write(tmp_path / "summary.json", {"sft": _sft()})
+    with pytest.raises(ValueError, match='has no "methods" object'):
+        write_report(tmp_path)
+
+
+def test_mismatched_diagnostics_series_are_rejected(tmp_path):
+    diagnostics = {"reward_var": [0.1, 0.2], "risk_ratio": [0.5]}
+    _write(tmp_path / "results" / "summary.json", _rft(diagnostics=diagnostics))
+    with pytest.raises(ValueError, match="reward_var has 2 steps but risk_ratio has 1"):
+        write_report(tmp_path)
+
+
+def test_cli_report_prints_the_report_path(tmp_path, capsys):
+    _write(tmp_path / "sft" / "results" / "summary.json", _sft())
+
+    assert cli.main(["report", "--workdir", str(tmp_path)]) == 0
+
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
+    assert "| sft | 53.3 | -40.0 |" in (tmp_path / "report.md").read_text()
