@@ -45,16 +45,18 @@ def _where(record_id):
     return f"record {record_id!r}" if record_id is not None else "question"
 
 
-def _user_content(text, num_images, record_id):
+def _user_content(question, num_images, template, record_id):
     """Chat content items for a question whose "<image>" placeholders mark the image positions."""
-    num_placeholders = text.count(IMAGE_PLACEHOLDER)
+    num_placeholders = question.count(IMAGE_PLACEHOLDER)
     if num_placeholders == 0:
-        text = IMAGE_PLACEHOLDER * num_images + text
+        question = IMAGE_PLACEHOLDER * num_images + question
     elif num_placeholders != num_images:
         raise ValueError(
             f"{_where(record_id)} has {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} "
             f"image(s); give one placeholder per image, or none to put all images before the text"
         )
+    # Placeholders go in before the template is applied, as in EasyR1, so `trim` sees the same text.
+    text = format_question(question, template)
     items = []
     for i, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
@@ -70,7 +72,7 @@ def render_prompt(tokenizer, question, num_images, template="cot", system=None, 
     The question is first wrapped in `template`; `system` replaces the chat template's default system prompt.
     `record_id` names the example in errors.
     """
-    content = _user_content(format_question(question, template), num_images, record_id)
+    content = _user_content(question, num_images, template, record_id)
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": content})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -95,6 +95,9 @@ def test_render_puts_images_first_without_placeholders_and_takes_a_system_prompt
         "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert render_prompt(tokenizer, "Which is larger?", 2, template="plain", system="Be brief.") == expected
+    # As in EasyR1 the image goes in before the template trims the text, so leading spaces stay after the image.
+    expected_cot = SYSTEM_TURN + "<|im_start|>user\n" + IMAGE + "  Which?" + PAPER_COT_SUFFIX
+    assert render_prompt(tokenizer, "  Which?\n", 1).startswith(expected_cot + "<|im_end|>\n")
 
 
 def test_llamafactory_record_renders_like_llamafactory(tokenizer):
