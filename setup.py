@@ -9,6 +9,9 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
     "transformers>=5.23.0",
+    "tokenizers>=0.23",
+    # transformers' chat templates need it but do not declare it.
+    "jinja2>=3.1",
     "safetensors>=0.8.0",
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18",
