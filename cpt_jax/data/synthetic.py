@@ -55,6 +55,8 @@ FONT = {char: np.array([[c == "#" for c in row] for row in rows]) for char, rows
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
+    """A coloured shape of a scene, in grid cell (row, col)."""
+
     kind: str
     colour: str
     size: str
@@ -63,6 +65,7 @@ class Shape:
 
     @property
     def name(self):
+        """How questions refer to it, e.g. "red circle"."""
         return f"{self.colour} {self.kind}"
 
 

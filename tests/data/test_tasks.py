@@ -133,6 +133,21 @@ def test_parquet_export_round_trips(tmp_path, name):
         np.testing.assert_array_equal(decoded, pixels)
 
 
+def test_scienceqa_keeps_questions_with_an_image_and_mmmu_open_questions_get_text_answers(tmp_path):
+    row = PARQUET_CASES["cpt_scienceqa"][0]
+    _write_parquet(tmp_path / "sqa" / "test-00000-of-00001.parquet", [{**row, "image": None}, row])
+    report = tasks.prepare("scienceqa", tmp_path / "tfds", tmp_path / "sqa")["test"]
+    assert (report.total, report.kept, report.excluded) == (2, 1, 1)
+    assert report.summary() == "test: kept 1; skipped 0 of 2; excluded 1 outside the benchmark"
+
+    row = {**PARQUET_CASES["cpt_mmmu"][0], "question": "How many <image 1> apples?", "options": "[]",
+           "answer": "4", "question_type": "open"}
+    _write_parquet(tmp_path / "mmmu" / "Art" / "validation-00000-of-00001.parquet", [row])
+    tasks.prepare("mmmu", tmp_path / "tfds", tmp_path / "mmmu")
+    (example,) = list(tasks.load_split("mmmu", "validation", tmp_path / "tfds"))
+    assert (example["question"], example["answer"]) == (f"How many <image> apples?\n{SHORT}", "4")
+
+
 @pytest.mark.parametrize("name", FILE_BUILDERS)
 def test_llamafactory_annotations_round_trip(tmp_path, llamafactory_dir, name):
     reports = tasks.prepare(name, tmp_path, llamafactory_dir)
@@ -344,3 +359,21 @@ def test_cli_prepare_and_show(tmp_path, llamafactory_dir, capsys):
         cli.main(["data", "show", "--dataset", "vizwiz", "--data-dir", data_dir, "--split", "dev"])
     with pytest.raises(SystemExit, match="pass --manual-dir"):
         cli.main(["data", "prepare", "--dataset", "pope", "--data-dir", data_dir])
+
+
+def test_cli_counts_tokens_with_a_tokenizer(tmp_path, capsys):
+    import tokenizers
+    import transformers
+
+    # A whitespace word-level tokenizer: one token per word.
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]").save_pretrained(
+        tmp_path / "tokenizer")
+    _write_json(tmp_path / "raw", "test", [_record("one two three", "a"), _record("one two three four", "b")])
+    argv = ["data", "prepare", "--dataset", "mmlu_pro", "--manual-dir", str(tmp_path / "raw"), "--data-dir",
+            str(tmp_path / "tfds"), "--max-prompt-tokens", "3"]
+    with pytest.raises(SystemExit, match="needs --tokenizer"):
+        cli.main(argv)
+    assert cli.main(argv + ["--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert "cpt_mmlu_pro test: kept 1; skipped 1 of 2: 1 too long" in capsys.readouterr().out
