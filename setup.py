@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18",
     "array_record>=0.8.6",
+    "pyarrow>=26.0",
     "ml_collections>=1.1.0",
     "numpy>=2.4",
     "pillow>=13.0",

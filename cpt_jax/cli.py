@@ -6,7 +6,10 @@ import sys
 
 # subcommand -> module exposing `register(subparsers)`, which adds the parser and sets `func`.
 # Modules are imported lazily so `cpt-jax --help` stays fast and `aot` can set JAX flags first.
-_COMMANDS = {"report": "cpt_jax.eval.report_cli"}
+_COMMANDS = {
+    "data": "cpt_jax.data.cli",
+    "report": "cpt_jax.eval.report_cli",
+}
 
 
 def build_parser():

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+from mathruler.grader import extract_boxed_content, grade_answer
+
+from cpt_jax.data import synthetic
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return {name: synthetic.generate(name, "train", N, seed=3) for name in synthetic.TASKS}
+
+
+def test_suite_has_enough_skills_and_general_tasks():
+    assert len(synthetic.SKILLS) >= 6
+    general = [synthetic.TASKS[name] for name in synthetic.GENERAL]
+    assert any(not task.multimodal for task in general)
+    assert any(task.multimodal for task in general)
+    assert all(synthetic.TASKS[name].multimodal for name in synthetic.SKILLS)
+
+
+def test_same_seed_same_examples_other_seed_other_examples():
+    first = synthetic.generate("size", "train", 5, seed=7)
+    again = synthetic.generate("size", "train", 5, seed=7)
+    other = synthetic.generate("size", "train", 5, seed=8)
+    for a, b in zip(first, again):
+        assert (a["id"], a["question"], a["answer"]) == (b["id"], b["question"], b["answer"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not all(np.array_equal(a["image"], c["image"]) for a, c in zip(first, other))
+
+
+def test_examples_depend_on_index_only_not_on_batch():
+    whole = synthetic.generate("colour", "test", 8, seed=1)
+    tail = synthetic.generate("colour", "test", 3, seed=1, start=5)
+    assert [e["id"] for e in tail] == ["colour-test-1-5", "colour-test-1-6", "colour-test-1-7"]
+    for a, b in zip(whole[5:], tail):
+        assert (a["question"], a["answer"]) == (b["question"], b["answer"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_splits_differ():
+    train = synthetic.generate("digit", "train", 5)
+    test = synthetic.generate("digit", "test", 5)
+    assert not any(np.array_equal(a["image"], b["image"]) for a, b in zip(train, test))
+
+
+@pytest.mark.parametrize("name", sorted(synthetic.TASKS))
+def test_answers_are_short_and_score_one_when_boxed(examples, name):
+    for example in examples[name]:
+        answer = example["answer"]
+        assert answer and " " not in answer
+        assert grade_answer(answer, answer)
+        assert grade_answer(extract_boxed_content(f"so the answer is \\boxed{{{answer}}}"), answer)
+
+
+@pytest.mark.parametrize("name", sorted(synthetic.TASKS))
+def test_image_tasks_have_one_placeholder_and_an_image(examples, name):
+    task = synthetic.TASKS[name]
+    for example in examples[name]:
+        assert example["question"].count("<image>") == (1 if task.multimodal else 0)
+        assert example["question"].endswith(task.instruction)
+        if task.multimodal:
+            assert example["image"].dtype == np.uint8
+            assert example["image"].shape == (56, 56, 3)
+        else:
+            assert example["image"] is None
+
+
+def test_image_size_is_configurable():
+    (example,) = synthetic.generate("count", "train", 1, image_size=84)
+    assert example["image"].shape == (84, 84, 3)
+    with pytest.raises(ValueError, match="image_size=10"):
+        synthetic.generate("count", "train", 1, image_size=10)
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(KeyError, match="'nope'"):
+        synthetic.generate("nope", "train", 1)
+
+
+def test_distinct_skills_ask_distinct_questions(examples):
+    questions = {name: {e["question"] for e in examples[name]} for name in synthetic.TASKS}
+    names = sorted(questions)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not questions[a] & questions[b], (a, b)
+
+
+def test_skills_share_the_scene_distribution(examples):
+    # Same renderer, same scene sampler: the fraction of ink-free (white) pixels is alike across skills.
+    white = {
+        name: np.mean([(e["image"] == 255).all(-1).mean() for e in examples[name]]) for name in synthetic.SKILLS
+    }
+    assert max(white.values()) - min(white.values()) < 0.05
+
+
+def test_answers_cover_their_range(examples):
+    assert {e["answer"] for e in examples["position"]} == {"left", "middle", "right"}
+    assert {e["answer"] for e in examples["size"]} == {"small", "large"}
+    assert {e["answer"] for e in examples["choice"]} == {"A", "B", "C", "D"}
+    assert 0.25 < np.mean([e["answer"] == "yes" for e in examples["existence"]]) < 0.75
+    assert set(e["answer"] for e in examples["count"]) <= {"1", "2", "3", "4"}
+
+
+def test_digit_image_shows_the_answer(examples):
+    for example in examples["digit"]:
+        ink = (example["image"] == 0).all(-1)
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        glyph = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        scale = glyph.shape[0] // 7
+        font = synthetic.FONT[example["answer"]]
+        # Crop the font the same way (some digits leave blank font columns at the edges).
+        font = font[:, np.flatnonzero(font.any(0))[0] : np.flatnonzero(font.any(0))[-1] + 1]
+        np.testing.assert_array_equal(glyph[::scale, ::scale], font)
+
+
+def test_colour_answer_is_drawn(examples):
+    for example in examples["colour"]:
+        rgb = np.array(synthetic.COLOURS[example["answer"]], np.uint8)
+        assert (example["image"] == rgb).all(-1).sum() > 10
+
+
+def test_arithmetic_answer_is_the_value():
+    for example in synthetic.generate("arithmetic", "test", 20):
+        expression = example["question"].removeprefix("What is ").split("?")[0]
+        assert int(example["answer"]) == eval(expression)  # noqa: S307 (digits and one operator)
