@@ -1,0 +1,198 @@
+"""The RFT (GRPO-family) update: rollouts -> host rewards -> advantages -> PPO-clip updates with a KL term.
+
+One RFT iteration (DESIGN.md, "data flow of one RFT step"):
+  prompt batches --generate (prefill once per prompt, G samples share it)--> tokens, sampler log-probs
+  --host: decode, reward--> rewards --device: advantages by group--> old (and reference) log-probs recomputed
+  by the trainer --ppo_epochs x mini-batches x micro-batches--> exact token-weighted gradient --> AdamW update.
+
+A micro-batch is one prompt batch from the pipeline with its G samples per prompt. The prompt (with its image) is
+embedded once and its embeddings repeated over the G samples, so the vision tower runs once per prompt in training
+as in sampling, and gradients through the repeat sum over the samples. Micro-batches of one mini-batch are
+accumulated as (loss sum, count) pairs, so the update equals the one of a single large batch.
+
+Defaults are the paper's EasyR1 settings (reference/paper.md).
+
+Axis legend: B prompts, G samples per prompt, N = B*G rows, Lp prompt length, T response length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpt_jax.models.qwen2_5_vl.model import causal_mask
+from cpt_jax.rl.advantages import get_advantage_fn
+from cpt_jax.rl.losses import SumCount, entropy_from_logits, kl_loss_sums, policy_loss_sums
+from cpt_jax.train.optimizer import Optimizer
+from cpt_jax.train.state import TrainState, apply_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class RFTConfig:
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    reward: str = "math"
+    advantage: str = "grpo"
+    advantage_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("ddof", 0),)
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    log_ratio_clamp: float = 20.0
+    loss_agg: str = "token-mean"
+    use_kl: bool = True
+    kl_coef: float = 0.01
+    kl_estimator: str = "low_var_kl"
+    ppo_epochs: int = 1
+    micro_batches_per_update: int = 1  # prompt batches per optimizer update (mini-batch = this many micro-batches)
+
+    @classmethod
+    def from_config(cls, config) -> "RFTConfig":
+        """From an ml_collections ConfigDict or mapping; unknown keys are errors naming them."""
+        items = dict(config.items() if hasattr(config, "items") else config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - names)
+        if unknown:
+            raise ValueError(f"unknown RFT config key(s) {unknown}; known: {sorted(names)}")
+        if "advantage_options" in items:
+            opts = items["advantage_options"]
+            items["advantage_options"] = tuple(sorted((opts.items() if hasattr(opts, "items") else opts)))
+        return cls(**items)
+
+
+def response_positions(prompt_positions_3BL, num_samples: int, length: int):
+    """M-RoPE positions (3, N, T) of generated tokens: one past the prompt's last position per axis, then +1."""
+    start = jnp.repeat(prompt_positions_3BL[:, :, -1] + 1, num_samples, axis=1)
+    return start[..., None] + jnp.arange(length, dtype=start.dtype)
+
+
+def response_logprobs(graphdef, params, batch, temperature: float):
+    """Log-probs (N, T) of the response tokens under the policy (logits / temperature, as the sampler) and the
+    per-token entropy (N, T). `batch`: prompt input_ids/attention_mask/position_ids/vision (B rows), response and
+    response_mask (N rows)."""
+    model = nnx.merge(graphdef, params)
+    prompt_ids = batch["input_ids"]
+    response = batch["response"]
+    b, lp = prompt_ids.shape
+    n, t = response.shape
+    g = n // b
+    x_prompt = jnp.repeat(model.embed(prompt_ids, batch.get("vision")), g, axis=0)
+    x = jnp.concatenate([x_prompt, model.language_model.embed(response)], axis=1)
+    mask = jnp.concatenate([jnp.repeat(batch["attention_mask"], g, axis=0), batch["response_mask"]], axis=1)
+    positions = jnp.concatenate([jnp.repeat(batch["position_ids"], g, axis=1),
+                                 response_positions(batch["position_ids"], g, t)], axis=2)
+    h, _ = model.language_model(x, positions, causal_mask(mask))
+    logits = model.logits(h[:, lp - 1:-1]).astype(jnp.float32) / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), response[..., None], axis=-1)[..., 0]
+    return logp, entropy_from_logits(logits)
+
+
+def rft_loss(graphdef, params, batch, config: RFTConfig, *, max_response_length: int | None = None):
+    """(loss sum, count, metric sums) of one micro-batch: PPO-clip policy loss + kl_coef * KL to the reference.
+
+    `batch["row_weight"]` (N,) scales each row (1 in training; the diagnostics isolate one group with it).
+    """
+    logp, entropy = response_logprobs(graphdef, params, batch, config.temperature)
+    mask = batch["response_mask"].astype(jnp.float32) * batch["row_weight"][:, None]
+    policy, metrics = policy_loss_sums(
+        logp, batch["old_logprobs"], batch["advantages"], mask, clip_low=config.clip_low,
+        clip_high=config.clip_high, dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
+        agg=config.loss_agg, max_response_length=max_response_length)
+    total = policy.total
+    metrics = dict(metrics, entropy=SumCount(jnp.sum(entropy * mask), jnp.sum(mask)))
+    if config.use_kl:
+        kl = kl_loss_sums(logp, batch["ref_logprobs"], mask, config.kl_estimator, config.loss_agg,
+                          max_response_length=max_response_length)
+        total = total + config.kl_coef * kl.total
+        metrics["kl"] = kl
+    metrics["policy_loss"] = policy
+    return total, policy.count, metrics
+
+
+class RFTLearner:
+    """Jitted pieces of the RFT update around a fixed graphdef, optimizer and config.
+
+    Functions compile once per distinct micro-batch shape; the data pipeline's length and patch buckets bound
+    their number.
+    """
+
+    def __init__(self, graphdef, optimizer: Optimizer, config: RFTConfig, *, max_response_length=None):
+        self.graphdef = graphdef
+        self.optimizer = optimizer
+        self.config = config
+        self.max_response_length = max_response_length or config.max_new_tokens
+        self.advantage_fn = get_advantage_fn(config.advantage)
+        temperature = config.temperature
+
+        def loss(params, batch):
+            total, count, metrics = rft_loss(graphdef, params, batch, config,
+                                             max_response_length=self.max_response_length)
+            return total, (count, metrics)
+
+        self.logprobs = jax.jit(lambda params, batch: response_logprobs(graphdef, params, batch, temperature)[0])
+        self.grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+        self._apply = jax.jit(self._apply_update, donate_argnums=(0,))
+
+    def _apply_update(self, state: TrainState, grads, total, count):
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        loss = total / jnp.maximum(count, 1.0)
+        new_state = apply_gradients(state, grads, self.optimizer)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                           "lr": self.optimizer.learning_rate(state.step)}
+
+    def advantages(self, rewards_N) -> jax.Array:
+        return self.advantage_fn(jnp.asarray(rewards_N, jnp.float32), self.config.num_samples,
+                                 **dict(self.config.advantage_options))
+
+    def prepare(self, params, ref_params, prompts: dict, tokens, lengths, rewards) -> dict:
+        """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs."""
+        t = tokens.shape[1]
+        response_mask = (jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
+        batch = dict(prompts, response=jnp.asarray(tokens), response_mask=response_mask,
+                     advantages=self.advantages(rewards),
+                     row_weight=jnp.ones(tokens.shape[0], jnp.float32))
+        batch["old_logprobs"] = self.logprobs(params, batch)
+        if self.config.use_kl:
+            batch["ref_logprobs"] = self.logprobs(ref_params, batch)
+        return batch
+
+    def update(self, state: TrainState, micro_batches: Sequence[dict]) -> tuple[TrainState, dict]:
+        """One optimizer update from several micro-batches, exactly as one batch (sums, then one division)."""
+        acc = None
+        for batch in micro_batches:
+            (total, (count, metrics)), grads = self.grad(state.params, batch)
+            step = (grads, total, count, metrics)
+            acc = step if acc is None else self._add(acc, step)
+        grads, total, count, metric_sums = acc
+        state, metrics = self._apply(state, grads, total, count)
+        metrics.update({k: v.total / jnp.maximum(v.count, 1.0) for k, v in metric_sums.items()})
+        return state, metrics
+
+
+def rollout_metrics(scores: Sequence[dict], lengths, tokens_logprob_gap=None) -> dict[str, float]:
+    """Host-side rollout metrics: reward mean/std, accuracy, format rate, response length."""
+    overall = np.array([s["overall"] for s in scores])
+    out = {"reward_mean": float(overall.mean()), "reward_std": float(overall.std()),
+           "accuracy": float(np.mean([s["accuracy"] for s in scores])),
+           "format_rate": float(np.mean([s["format"] for s in scores])),
+           "response_length": float(np.mean(lengths))}
+    if tokens_logprob_gap is not None:
+        out["sampler_logprob_gap"] = float(tokens_logprob_gap)
+    return out
+
+
+def sampler_gap(old_logprobs, sampler_logprobs, response_mask) -> jax.Array:
+    """Mean |trainer - sampler| log-prob over response tokens: ~0 unless the two paths disagree numerically."""
+    mask = response_mask.astype(jnp.float32)
+    return jnp.sum(jnp.abs(old_logprobs - sampler_logprobs) * mask) / jnp.maximum(mask.sum(), 1.0)
+
