@@ -52,6 +52,7 @@ SKIP_KINDS = {
     "image_count": ("image count mismatch", "image count mismatches"),
     "aspect_ratio": ("extreme aspect ratio", "extreme aspect ratios"),
     "too_long": ("too long", "too long"),
+    "too_many_patches": ("too many image patches", "too many image patches"),
 }
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
 _KEPT_FORMATS = ("PNG", "JPEG")
