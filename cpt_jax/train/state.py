@@ -78,23 +78,24 @@ def accumulate_gradients(loss_fn: LossFn, params: nnx.State, micro_batches, *,
     returned gradient are zeros.
     """
     fixed, trainable = nnx.split_state(params, frozen, ...)
-    value_and_grad = jax.value_and_grad(lambda t, mb: loss_fn(nnx.merge_state(fixed, t), mb), has_aux=True)
-    num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
-    if num_micro == 1:
-        (loss_sum, count), grads = value_and_grad(trainable, jax.tree.map(lambda x: x[0], micro_batches))
-        grads = cast_floating(grads, jnp.float32)
+
+    def sums_and_grads(micro_batch):
+        (loss_sum, count), grads = jax.value_and_grad(
+            lambda t: loss_fn(nnx.merge_state(fixed, t), micro_batch), has_aux=True)(trainable)
+        return loss_sum.astype(jnp.float32), count.astype(jnp.float32), cast_floating(grads, jnp.float32)
+
+    def fp32_zeros(tree):
+        return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), tree)
+
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+        loss_sum, count, grads = sums_and_grads(jax.tree.map(lambda x: x[0], micro_batches))
     else:
         def body(carry, micro_batch):
-            loss_acc, count_acc, grad_acc = carry
-            (loss_sum, count), grads = value_and_grad(trainable, micro_batch)
-            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
-            return (loss_acc + loss_sum, count_acc + count, grad_acc), None
+            return jax.tree.map(jnp.add, carry, sums_and_grads(micro_batch)), None
 
         zero = jnp.zeros((), jnp.float32)
-        init = (zero, zero, cast_floating(jax.tree.map(jnp.zeros_like, trainable), jnp.float32))
-        (loss_sum, count, grads), _ = jax.lax.scan(body, init, micro_batches)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), fixed)
-    return loss_sum.astype(jnp.float32), count.astype(jnp.float32), nnx.merge_state(zeros, grads)
+        (loss_sum, count, grads), _ = jax.lax.scan(body, (zero, zero, fp32_zeros(trainable)), micro_batches)
+    return loss_sum, count, nnx.merge_state(fp32_zeros(fixed), grads)
 
 
 def check_finite(metrics, step: int) -> None:

@@ -82,9 +82,8 @@ def test_loss_matches_reference_cross_entropy(split_model):
         return logits, sft_loss(graphdef, params, batch), sft_loss(graphdef, params, batch, logits_chunk=7)
 
     logits, (loss_sum, count), (chunked_sum, chunked_count) = run(params, batch)
-    logits = np.asarray(logits, np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    shifted = np.asarray(logits, np.float64) - np.asarray(logits, np.float64).max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     expected, n = 0.0, 0
     for b, (n_prompt, n_answer) in enumerate([(3, 4), (1, 6), (5, 2)]):
         start = n_prompt + 6 + 2  # prompt text, 6 image tokens, 2 more text tokens
