@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax import sharding
 from cpt_jax.models.qwen2_5_vl.model import causal_mask
 from cpt_jax.rl.advantages import get_advantage_fn
 from cpt_jax.rl.losses import SumCount, entropy_from_logits, kl_loss_sums, policy_loss_sums
@@ -120,13 +121,15 @@ class RFTLearner:
     """Jitted pieces of the RFT update around a fixed graphdef, optimizer and config.
 
     Functions compile once per distinct micro-batch shape; the data pipeline's length and patch buckets bound
-    their number.
+    their number. With `layout`, every piece takes the shardings `sharding.PROGRAMS` declares for it.
     """
 
-    def __init__(self, graphdef, optimizer: Optimizer, config: RFTConfig, *, max_response_length=None):
+    def __init__(self, graphdef, optimizer: Optimizer, config: RFTConfig, *, max_response_length=None,
+                 layout: sharding.Layout | None = None):
         self.graphdef = graphdef
         self.optimizer = optimizer
         self.config = config
+        self.layout = layout
         self.max_response_length = max_response_length or config.max_new_tokens
         self.advantage_fn = get_advantage_fn(config.advantage)
         temperature = config.temperature
@@ -136,10 +139,16 @@ class RFTLearner:
                                              max_response_length=self.max_response_length)
             return total, (count, metrics)
 
-        self.logprobs = jax.jit(lambda params, batch: response_logprobs(graphdef, params, batch, temperature)[0])
-        self.grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-        self._apply = jax.jit(self._apply_update, donate_argnums=(0,))
+        def logprobs(params, batch):
+            return response_logprobs(graphdef, params, batch, temperature)[0]
+
+        def accumulate(total, micro_batch):
+            return jax.tree.map(jnp.add, total, micro_batch)
+
+        self.logprobs = sharding.jit(logprobs, "rft_logprobs", layout)
+        self.grad = sharding.jit(jax.value_and_grad(loss, has_aux=True), "rft_grad", layout)
+        self._add = sharding.jit(accumulate, "rft_accumulate", layout)
+        self._apply = sharding.jit(self._apply_update, "rft_apply", layout)
 
     def _apply_update(self, state: TrainState, grads, total, count):
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
@@ -155,12 +164,17 @@ class RFTLearner:
                                  **dict(self.config.advantage_options))
 
     def prepare(self, params, ref_params, prompts: dict, tokens, lengths, rewards) -> dict:
-        """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs."""
-        t = tokens.shape[1]
-        response_mask = (jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
-        batch = dict(prompts, response=jnp.asarray(tokens), response_mask=response_mask,
-                     advantages=self.advantages(rewards),
-                     row_weight=jnp.ones(tokens.shape[0], jnp.float32))
+        """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs.
+
+        `prompts`, `tokens`, `lengths` and `rewards` are host arrays; with a layout, this process's rows (whole
+        groups), assembled here into the global batch.
+        """
+        tokens = np.asarray(tokens)
+        response_mask = (np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+        batch = dict(prompts, response=tokens, response_mask=response_mask,
+                     advantages=np.asarray(self.advantages(rewards)),
+                     row_weight=np.ones(tokens.shape[0], np.float32))
+        batch = jax.device_put(batch) if self.layout is None else sharding.global_batch(batch, self.layout)
         batch["old_logprobs"] = self.logprobs(params, batch)
         if self.config.use_kl:
             batch["ref_logprobs"] = self.logprobs(ref_params, batch)
