@@ -339,9 +339,10 @@ def init_model(make_model: Callable[[], nnx.Module], layout: Layout, *, sampler:
 
 
 def reshard(tree, shardings, *, donate: bool = False):
-    """`tree` moved to `shardings` (a tree of NamedShardings, e.g. `layout.shardings('params', p, sampler=True)`)
-    by one jitted program, across processes too. With `donate`, the source buffers are freed."""
-    return jax.jit(lambda t: t, out_shardings=shardings, donate_argnums=(0,) if donate else ())(tree)
+    """`tree` moved to `shardings` (a tree of NamedShardings, e.g. `layout.shardings('params', p, sampler=True)`),
+    device to device and across processes. Host arrays must hold the same values on every process. With `donate`,
+    the source buffers are freed."""
+    return jax.device_put(tree, shardings, donate=donate)
 
 
 def global_batch(local_batch, layout: Layout, *, sampler: bool = False):

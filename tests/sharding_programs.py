@@ -15,9 +15,32 @@ import os
 
 SFT_ROWS, SFT_LENGTH, GRID = 8, 20, (1, 4, 4)  # one 4x4-patch image per row: 4 merged image tokens
 PROMPTS, SAMPLES, PROMPT_LENGTH, RESPONSE_LENGTH = 8, 2, 8, 6
-# XLA's backend optimisations off: CPU compile time halves and the numbers do not change at test tolerances.
-FAST = {"xla_backend_optimization_level": 0}
+# XLA:CPU without LLVM optimisation and fusion emitters compiles these programs 4x faster; the numbers do not change
+# at test tolerances.
+FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 SUMMARY = "SUMMARY "
+# Token ids of tests/models/qwen2_5_vl/reference.py, whose tiny configuration is repeated in `tiny_config` so that
+# the worker processes do not import torch.
+IMAGE, VSTART, VEND, TEXT_VOCAB = 505, 503, 504, 500
+
+
+def tiny_config():
+    from cpt_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig.from_hf({
+        "model_type": "qwen2_5_vl", "image_token_id": IMAGE, "video_token_id": 506, "vision_start_token_id": VSTART,
+        "vision_end_token_id": VEND, "tie_word_embeddings": False,
+        "text_config": {
+            "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            "bos_token_id": 500, "eos_token_id": 502,
+        },
+        "vision_config": {
+            "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": 64,
+            "fullatt_block_indexes": [1], "window_size": 112, "tokens_per_second": 2,
+        },
+    })
 
 
 def tiny_params(seed: int = 0):
@@ -29,7 +52,6 @@ def tiny_params(seed: int = 0):
 
     from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
     from cpt_jax.train.optimizer import path_str
-    from tests.models.qwen2_5_vl.reference import tiny_config
 
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(tiny_config(), rngs=nnx.Rngs(0)))
     graphdef, shapes = nnx.split(abstract, nnx.Param)
@@ -61,7 +83,6 @@ def sft_batch(rows: slice = slice(None), seed: int = 0, images: bool = True) -> 
     import numpy as np
 
     from cpt_jax.models.qwen2_5_vl import get_rope_index, vision_inputs
-    from tests.models.qwen2_5_vl.reference import IMAGE, TEXT_VOCAB, VEND, VSTART, tiny_config
 
     config = tiny_config()
     rng = np.random.default_rng(seed)
@@ -92,7 +113,6 @@ def rft_rollouts(prompts: slice = slice(None), seed: int = 1):
     import numpy as np
 
     from cpt_jax.models.qwen2_5_vl import get_rope_index
-    from tests.models.qwen2_5_vl.reference import TEXT_VOCAB, tiny_config
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, TEXT_VOCAB, (PROMPTS, PROMPT_LENGTH)).astype(np.int32)
@@ -135,8 +155,7 @@ def run(layout, process_index: int = 0, process_count: int = 1, rft_logprobs=Non
     optimizer = sgd()
 
     def placed():
-        values = jax.tree.map(jnp.asarray, params)
-        return sharding.reshard(values, layout.shardings("params", values))
+        return sharding.reshard(params, layout.shardings("params", params))
 
     images = sharding.global_batch(sft_batch(share(SFT_ROWS)), layout)
     batch = sharding.global_batch(sft_batch(share(SFT_ROWS), images=False), layout)
@@ -153,7 +172,7 @@ def run(layout, process_index: int = 0, process_count: int = 1, rft_logprobs=Non
     _, rft_state = create_train_state(nnx.merge(graphdef, placed()), optimizer, 0, layout=layout)
     prompts, tokens, lengths, rewards = rft_rollouts(share(PROMPTS))
     if rft_logprobs is None:
-        reference = jax.tree.map(lambda x: 0.9 * x, rft_state.params)
+        reference = jax.jit(lambda p: jax.tree.map(lambda x: 0.9 * x, p))(rft_state.params)
         rft_batch = learner.prepare(rft_state.params, reference, prompts, tokens, lengths, rewards)
     else:
         rft_batch = sharding.global_batch(dict(

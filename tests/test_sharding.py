@@ -1,8 +1,8 @@
 """Meshes, layouts and sharded programs: every mesh gives the single-device numbers, with parameters really split;
 two processes give the numbers of one.
 
-Programs compile with XLA's backend optimisation off (`programs.FAST`), which halves CPU compile time; the
-single-device reference is a one-device layout compiled the same way.
+Programs compile with XLA:CPU's cheapest settings (`programs.FAST`); the single-device reference is a one-device
+layout compiled the same way.
 """
 
 import json
@@ -24,7 +24,6 @@ from cpt_jax.models.qwen2_5_vl.sharding import constrain, partition_spec
 from cpt_jax.rl.sampling import generate
 from cpt_jax.train.optimizer import path_str
 from tests import sharding_programs as programs
-from tests.models.qwen2_5_vl.reference import tiny_config
 
 FAST = programs.FAST
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -172,7 +171,7 @@ def test_global_batch_places_rows_and_local_batch_returns_them():
 
 def test_init_model_builds_parameters_on_their_shardings():
     def make():
-        return Qwen2_5_VL(tiny_config(), rngs=nnx.Rngs(3))
+        return Qwen2_5_VL(programs.tiny_config(), rngs=nnx.Rngs(3))
 
     layout = layout_of(1, 2, 4)
     model = sharding.init_model(make, layout)
