@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx, struct
 
 from cpt_jax import sharding
+from cpt_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from cpt_jax.models.qwen2_5_vl.model import KVCache, Qwen2_5_VL
 from cpt_jax.models.qwen2_5_vl.rope_index import get_rope_index
 from cpt_jax.models.qwen2_5_vl.vision import VisionInputs, num_patches
@@ -149,8 +150,10 @@ def _decode(graphdef, state, logits_RV, cache: KVCache, rng, *, cfg: _DecodeConf
 
 
 @functools.cache
-def _programs(layout: sharding.Layout | None):
-    """The jitted prefill and decode, with the signatures `sharding.PROGRAMS` declares (one pair per layout)."""
+def programs(layout: sharding.Layout | None):
+    """The jitted prefill `(graphdef, params, prompts, *, cache_size, num_samples) -> (logits, cache)` and decode
+    `(graphdef, params, logits, cache, rng, *, cfg) -> (samples, cache)` (`decode_config`), with the signatures
+    `sharding.PROGRAMS` declares; one pair per layout."""
     return (sharding.jit(_prefill, "rollout_prefill", layout, static_argnames=("cache_size", "num_samples")),
             sharding.jit(_decode, "rollout_decode", layout, static_argnames=("cfg",)))
 
@@ -177,7 +180,9 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     `sharding.reshard`) with the prompts split over its data-parallel axes. On several processes each passes its
     own prompts, padded to the same buckets, and gets global outputs (`sharding.local_batch` gives its rows back).
     """
-    cfg = _decode_config(model, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids, pad_token_id)
+    cfg = decode_config(model.config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, num_samples=num_samples, eos_token_ids=eos_token_ids,
+                        pad_token_id=pad_token_id)
     if rng is None:
         if temperature > 0:
             raise ValueError(f"temperature={temperature} samples at random; pass rng=jax.random.key(seed) "
@@ -212,7 +217,7 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
                "vision": vision}
     if layout is not None:
         prompts = sharding.global_batch(prompts, layout, sampler=True)
-    prefill, decode = _programs(layout)
+    prefill, decode = programs(layout)
     graphdef, state = nnx.split(model)
     logits_RV, cache = prefill(graphdef, state, prompts, cache_size=length + max_new_tokens - 1,
                                num_samples=num_samples)
@@ -220,10 +225,11 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     return out
 
 
-def _decode_config(model, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids,
-                   pad_token_id) -> _DecodeConfig:
-    """The static decode settings, after checking every sampling argument (`num_samples` included)."""
-    vocab = model.config.text.vocab_size
+def decode_config(config: Qwen2_5_VLConfig, *, max_new_tokens, temperature, top_p, top_k, num_samples,
+                  eos_token_ids, pad_token_id) -> _DecodeConfig:
+    """The static settings of the decode program for a model of `config`, after checking every sampling argument
+    (`num_samples` included)."""
+    vocab = config.text.vocab_size
     checks = [
         (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
         (temperature >= 0, f"temperature={temperature} must be >= 0 (0 is greedy decoding)"),
