@@ -8,6 +8,7 @@ import sys
 # Modules are imported lazily so `cpt-jax --help` stays fast and `aot` can set JAX flags first.
 _COMMANDS = {
     "data": "cpt_jax.data.cli",
+    "demo": "cpt_jax.demo",
     "report": "cpt_jax.eval.report_cli",
 }
 

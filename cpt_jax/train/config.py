@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.template = "cot"  # prompt template for RFT and evaluation ("cot", "no_cot", "plain")
     c.data.sft_template = "plain"  # the paper's SFT data keeps the task's own instruction text
+    c.data.sft_target = "{answer}"  # SFT target text from the reference answer (pipeline target_format)
     c.data.min_pixels = 200704
     c.data.max_pixels = 1003520
     c.data.length_buckets = (512, 1024, 2048, 4096)
