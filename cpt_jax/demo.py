@@ -40,7 +40,9 @@ TASKS = ("colour", "shape", "position", "count")
 GENERAL = ("arithmetic", "existence", "choice")
 # SFT learns the answer layout the reward reads (the paper's RFT format), so both methods are scored alike.
 COT_TARGET = "<think> the answer is {answer} </think> \\boxed{{{answer}}}"
-IMAGE_SIZE = 56
+# The generator draws 56 px scenes on a 3x3 grid; resized to 84 px, each grid cell is exactly one merged vision
+# token (2x2 patches of 14 px), which a tiny vision tower learns far more easily.
+IMAGE_SIZE = 84
 
 
 def demo_config(method: str = "sft", quick: bool = False):
@@ -57,7 +59,7 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.data.sft_target = COT_TARGET
     c.data.min_pixels = c.data.max_pixels = IMAGE_SIZE * IMAGE_SIZE
     c.data.length_buckets = (128, 160, 192)
-    c.data.patch_buckets = (128, 256, 512)
+    c.data.patch_buckets = (288, 576, 1152)  # 36 patches per image: 8, 16 and 32 images
     c.data.max_train_examples = 96 if quick else 256
     c.data.max_eval_examples = 32 if quick else 64
     c.optim.weight_decay = 0.0
