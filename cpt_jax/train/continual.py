@@ -41,7 +41,7 @@ from cpt_jax.train.checkpoint import Checkpointer
 from cpt_jax.train.config import METHODS
 from cpt_jax.train.logging import MetricLogger
 from cpt_jax.train.optimizer import OptimizerConfig, make_optimizer
-from cpt_jax.train.rft import RFTConfig, RFTLearner, rft_loss, rollout_metrics, sampler_gap
+from cpt_jax.train.rft import RFTConfig, RFTLearner, rollout_metrics, sampler_gap
 from cpt_jax.train.sft import make_sft_step, sft_loss, stack_micro_batches
 from cpt_jax.train.state import TrainState, check_finite, create_train_state
 
@@ -130,6 +130,16 @@ class ContinualRun:
         self.diagnostics = diag.DiagnosticsWriter(os.path.join(self.workdir, "results", "diagnostics.jsonl"),
                                                   enabled=config.diagnostics.enabled and jax.process_index() == 0)
         self._sources: dict[tuple[str, str], Any] = {}
+        # Built once so every stage reuses the compiled programs.
+        self.learner = RFTLearner(self.graphdef, self.rft_config, max_response_length=self.rft_config.max_new_tokens)
+        graphdef = self.graphdef
+
+        def sft_mean(params, batch):
+            total, count = sft_loss(graphdef, params, batch)
+            return total / jnp.maximum(count, 1.0)
+
+        self._nll_grad = jax.jit(jax.grad(lambda params, example: sft_loss(graphdef, params, example)[0]))
+        self._sft_grad = jax.jit(jax.grad(sft_mean))
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -279,7 +289,7 @@ class ContinualRun:
         # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
         _, state = create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer,
                                       jax.random.fold_in(jax.random.key(cfg.seed), stage))
-        learner = RFTLearner(self.graphdef, optimizer, rc, max_response_length=rc.max_new_tokens)
+        learner = self.learner
         iterator = iter(loader)
         start = 0
         if resume_state is not None:
@@ -334,7 +344,7 @@ class ContinualRun:
                                                        task, stage, group["reward_var"]))
             for epoch in range(rc.ppo_epochs):
                 for c in range(0, len(micro), rc.micro_batches_per_update):
-                    state, metrics = learner.update(state, micro[c:c + rc.micro_batches_per_update])
+                    state, metrics = learner.update(state, micro[c:c + rc.micro_batches_per_update], optimizer)
                     check_finite(jax.device_get(metrics), loop["global_step"])
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                     self.logger.write("train", loop["global_step"], {**metrics, **rollout})
@@ -367,29 +377,17 @@ class ContinualRun:
         g = self.rft_config.num_samples
         num_rows = mb["response"].shape[0]
         groups = [i for i in range(num_rows // g) if np.asarray(mb["row_weight"])[i * g] > 0][:cfg.num_groups]
-
-        def weighted_loss(p, row_weight):
-            total, _, _ = rft_loss(self.graphdef, p, dict(mb, row_weight=row_weight * mb["row_weight"]),
-                                   self.rft_config, max_response_length=learner.max_response_length)
-            return total
-
-        norms = diag.group_contributions(weighted_loss, params, num_rows, g, groups)
+        norms = diag.group_contributions(lambda p, w: learner.row_grad(p, mb, w), params, num_rows, g, groups)
         out = {"contrib_norm": norms.tolist(),
                "contrib_reward_var": [float(np.var(rewards[i * g:(i + 1) * g])) for i in groups]}
         earlier = self.tasks[:stage]
         if not earlier or not cfg.fisher_examples:
             return out
-        fisher = diag.diagonal_fisher(lambda p, ex: sft_loss(self.graphdef, p, ex)[0], params,
-                                      self._fisher_examples(earlier, cfg.fisher_examples))
+        fisher = diag.diagonal_fisher(self._nll_grad, params, self._fisher_examples(earlier, cfg.fisher_examples))
         (_, (rft_count, _)), rft_grad = learner.grad(params, mb)
         rft_grad = jax.tree.map(lambda x: x / jnp.maximum(rft_count, 1.0), rft_grad)
-        sft_batch = self._sft_batch_for(task, batch)
-
-        def sft_mean(p):
-            total, count = sft_loss(self.graphdef, p, sft_batch)
-            return total / jnp.maximum(count, 1.0)
-
-        out.update(diag.risk_summary(fisher, rft_grad, jax.grad(sft_mean)(params), reward_var))
+        sft_grad = self._sft_grad(params, self._sft_batch_for(task, batch))
+        out.update(diag.risk_summary(fisher, rft_grad, sft_grad, reward_var))
         return out
 
     def _fisher_examples(self, tasks, n):
@@ -433,10 +431,15 @@ class ContinualRun:
 
         result = rif_filter(batches(), rollout, self.reward_fn, num_samples=n,
                             drop_always_correct=cfg.rif.drop_always_correct,
-                            state_path=os.path.join(self.workdir, "rif", f"stage{stage}_{task}.json"),
+                            state_path=os.path.join(self.workdir, "rif", f"stage{stage}_{task.replace('/', '_')}.json"),
                             key=f"{task}/seed{cfg.seed}/stage{stage}", total=len(self.source(task, cfg.data.train_split)))
         log.info(result.summary())
         return result
+
+    def latest_params(self):
+        """Parameters of the latest checkpoint in the workdir."""
+        params, _, _, _ = self._resume()
+        return params
 
     # --- the loop --------------------------------------------------------------------------------------------
 
