@@ -107,3 +107,70 @@ def test_every_method_runs_a_two_task_sequence(method, assets, tmp_path):
         diag = [json.loads(line) for line in (tmp_path / "results" / "diagnostics.jsonl").read_text().splitlines()]
         assert diag and all(0.0 <= d["zero_var_frac"] <= 1.0 for d in diag)
     assert (tmp_path / "tb" / "train").is_dir()
+
+
+CONFIG_FILE = """
+from cpt_jax import demo
+
+def get_config():
+    c = demo.demo_config("rft", quick=True)
+    c.model.hf_dir = {base!r}
+    c.data.data_dir = {data!r}
+    c.data.tasks = {tasks!r}
+    c.data.general = {general!r}
+    c.data.min_pixels = c.data.max_pixels = 56 * 56
+    c.data.patch_buckets = (32, 64, 128)
+    c.data.max_train_examples = 12
+    c.data.max_eval_examples = 4
+    c.rft.prompt_batch_size = 2
+    c.rft.rollout_batches = 2
+    c.rft.num_samples = 2
+    c.rft.max_new_tokens = 4
+    c.rft.micro_batches_per_update = 1
+    c.eval.max_new_tokens = 4
+    c.eval.batch_size = 4
+    c.schedule.max_steps_per_task = 3
+    c.diagnostics.gradient_every = 0
+    c.checkpoint.every_steps = 1
+    c.checkpoint.keep = 2
+    return c
+"""
+
+
+def _train_cmd(config_path, workdir):
+    return [sys.executable, "-m", "cpt_jax.cli", "train", "--config", str(config_path), "--workdir", str(workdir)]
+
+
+def _final(workdir, config_path):
+    from cpt_jax.train.cli import load_config
+
+    run = ContinualRun(load_config(str(config_path)), workdir)
+    params = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(run.latest_params())[0]}
+    return params, json.loads((workdir / "results" / "summary.json").read_text())
+
+
+def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
+    config_path = tmp_path / "tiny_rft.py"
+    config_path.write_text(CONFIG_FILE.format(base=assets["base"], data=assets["data"], tasks=TASKS, general=GENERAL))
+    env = dict(os.environ)
+    subprocess.run(_train_cmd(config_path, tmp_path / "straight"), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config_path, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Save 2 is the second mid-task checkpoint of the first task: the run is inside a task when it dies.
+    while not (killed / "checkpoints" / "2").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results" / "summary.json").exists()
+    subprocess.run(_train_cmd(config_path, killed), check=True, env=env, capture_output=True)
+
+    straight_params, straight_summary = _final(tmp_path / "straight", config_path)
+    killed_params, killed_summary = _final(killed, config_path)
+    assert killed_summary == straight_summary
+    for path, value in straight_params.items():
+        np.testing.assert_array_equal(killed_params[path], value, err_msg=path)
