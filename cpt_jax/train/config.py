@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.temperature = 0.5  # 0 = greedy
+    c.eval.reward = ""  # accuracy from this reward; "" = rft.reward
     c.eval.max_new_tokens = 1024
     c.eval.batch_size = 64
 

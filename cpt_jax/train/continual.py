@@ -110,6 +110,7 @@ class ContinualRun:
         rft_items.update(dict(self.method.rft_overrides))
         self.rft_config = RFTConfig.from_config(rft_items)
         self.reward_fn = get_reward_fn(self.rft_config.reward)
+        self.eval_reward_fn = get_reward_fn(config.eval.reward) if config.eval.reward else self.reward_fn
 
         self.tokenizer = load_tokenizer(config.tokenizer_dir or config.model.hf_dir)
         special = special_token_ids(self.tokenizer)
@@ -182,7 +183,7 @@ class ContinualRun:
         for i, task in enumerate(tasks):
             loader = self.loader({task: self.source(task, self.config.data.eval_split)}, mode="prompt",
                                  batch_size=cfg.batch_size, seed=0, num_epochs=1, shuffle=False)
-            result = evaluate(model, iter(loader), self.tokenizer, self.reward_fn,
+            result = evaluate(model, iter(loader), self.tokenizer, self.eval_reward_fn,
                               rng=jax.random.key(seed * 1009 + i), max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
                               desc=f"eval {task}", total=loader.num_batches,
