@@ -153,19 +153,24 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
     return base_dir
 
 
-def run(workdir: str, quick: bool = False, methods=DEMO_METHODS) -> dict:
+def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_steps: int | None = None,
+        adjust=None) -> dict:
+    """Runs the demo; `pretrain_steps` and `adjust(config)` (edits each method's config) shrink it for tests."""
     from cpt_jax.train.continual import ContinualRun
 
     started = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     tok_dir, data_dir = build_assets(workdir)
-    base_dir = pretrain_base(workdir, tok_dir, data_dir, steps=150 if quick else 300)
+    steps = pretrain_steps if pretrain_steps is not None else (150 if quick else 300)
+    base_dir = pretrain_base(workdir, tok_dir, data_dir, steps=steps)
     summaries = {}
     for method in methods:
         config = demo_config(method, quick)
         config.model.hf_dir = base_dir
         config.data.data_dir = data_dir
+        if adjust is not None:
+            adjust(config)
         summaries[method] = ContinualRun(config, os.path.join(workdir, method)).run()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({"methods": summaries}, f, indent=2)

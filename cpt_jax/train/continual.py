@@ -278,10 +278,14 @@ class ContinualRun:
         cfg, rc = self.config, self.rft_config
         rif_ids = None
         if self.method.rif:
-            rif_ids = self.rif_pass(stage, task, params).kept_ids
+            result = self.rif_pass(stage, task, params)
+            rif_ids = result.kept_ids
+            loop.setdefault("rif_kept_fraction", {})[task] = result.kept_fraction
             if not rif_ids:
-                raise ValueError(f"RIF kept no item of task {task!r}: the model never answers it correctly in "
-                                 f"{cfg.rif.num_samples} rollouts; RFT has no signal on it")
+                log.warning("RIF kept no item of task %r: the model never answered it correctly in %d rollouts, so "
+                            "RFT has no signal on it; the stage trains nothing", task, cfg.rif.num_samples)
+                return create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)),
+                                          self._optimizer(1), 0)[1]
         loader = self.loader(self.train_sources(task, rif_ids), mode="prompt", batch_size=cfg.rft.prompt_batch_size,
                              seed=cfg.seed + 7919 * stage, num_epochs=epochs)
         iterations = self._cap(math.ceil(loader.num_batches / cfg.rft.rollout_batches))
@@ -481,8 +485,11 @@ class ContinualRun:
             self._save(state, loop, ref_params)
         if loop["general_after"] is None and self.general:
             loop["general_after"] = self.evaluate_tasks(params, self.general, seed=cfg.seed + 2)
+        diagnostics = dict(loop.get("diag_series", {}))
+        if "rif_kept_fraction" in loop:
+            diagnostics["rif_kept_fraction"] = loop["rif_kept_fraction"]
         summary = summarize(cfg.method, self.tasks, loop["accuracy_matrix"], loop["general_before"],
-                            loop["general_after"], loop.get("diag_series", {}))
+                            loop["general_after"], diagnostics)
         results = os.path.join(self.workdir, "results")
         os.makedirs(results, exist_ok=True)
         with open(os.path.join(results, "summary.json"), "w") as f:
