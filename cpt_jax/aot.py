@@ -244,7 +244,7 @@ def compile_programs(config, devices, programs=None, *, on_report=None) -> list[
     rows = s.prompts * s.samples
     rft = RFTConfig.from_config({k: v for k, v in config.rft.to_dict().items()
                                  if k in {f.name for f in dataclasses.fields(RFTConfig)}})
-    learner = RFTLearner(graphdef, optimizer, rft, layout=layout)
+    learner = RFTLearner(graphdef, rft, layout=layout)
     update_batch = dict(_prompts(model_config, s.prompts, s.length, s.patches),
                         response=_sds((rows, s.response), jnp.int32),
                         response_mask=_sds((rows, s.response), jnp.int32),
@@ -270,7 +270,7 @@ def compile_programs(config, devices, programs=None, *, on_report=None) -> list[
             return learner.grad.lower(params, update_batch), opt_bytes + ref_bytes + accumulator
         if name == "rft_apply":
             scalar = _placed(_sds((), jnp.float32), layout.shardings("replicated", _sds((), jnp.float32)))
-            return learner._apply.lower(state, params, scalar, scalar), ref_bytes
+            return learner._apply_fn(optimizer).lower(state, params, scalar, scalar), ref_bytes
         resident = _bytes_per_device(state) + ref_bytes
         prefill, decode = sampling.programs(layout)
         prompts = _prompts(model_config, s.prompts, s.length, s.patches)
@@ -316,8 +316,6 @@ def format_report(report: Report, hbm_gib: float, peak_tflops: float, devices: i
 
 
 def register(subparsers):
-    from cpt_jax.train.config import add_override_flags
-
     parser = subparsers.add_parser("aot", help="compile a config for a TPU slice on this host; check memory",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,16 +323,15 @@ def register(subparsers):
     parser.add_argument("--topology", help="TPU topology, e.g. v5p:2x2x2 (default: the config's aot_topology)")
     parser.add_argument("--programs", nargs="+", choices=PROGRAMS,
                         help="programs to compile (default: those of the config's method)")
-    add_override_flags(parser)
     parser.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     import jax
 
-    from cpt_jax.train.config import load_config, overrides_from
+    from cpt_jax.train.cli import load_config
 
-    config = load_config(args.config, overrides_from(args))
+    config = load_config(args.config, args.overrides)
     topology = args.topology or config.aot_topology
     if not topology:
         raise SystemExit("error: pass --topology (e.g. v5p:2x2x2) or set aot_topology in the config")

@@ -9,7 +9,9 @@ import sys
 _COMMANDS = {
     "aot": "cpt_jax.aot",
     "data": "cpt_jax.data.cli",
+    "demo": "cpt_jax.demo",
     "report": "cpt_jax.eval.report_cli",
+    "train": "cpt_jax.train.cli",
 }
 
 
@@ -22,7 +24,11 @@ def build_parser():
 
 
 def main(argv=None):
+    from cpt_jax.train.cli import split_overrides
+
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.overrides = overrides
     return args.func(args)
 
 

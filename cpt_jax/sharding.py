@@ -196,6 +196,8 @@ PROGRAMS: dict[str, Program] = {
     "rft_logprobs": Program(args=("params", "batch"), out="batch"),
     # (params, batch) -> ((loss sum, (count, metric sums)), gradient)
     "rft_grad": Program(args=("params", "batch"), out=("replicated", "params")),
+    # (params, batch, row weights) -> gradient of the loss over the weighted rows
+    "rft_row_grad": Program(args=("params", "batch", "batch"), out="params"),
     # (accumulator, micro-batch) -> accumulator; both (gradient, loss sum, count, metric sums)
     "rft_accumulate": Program(args=(("params", "replicated", "replicated", "replicated"),) * 2,
                               out=("params", "replicated", "replicated", "replicated"), donate=(0,)),

@@ -168,7 +168,7 @@ def run(layout, process_index: int = 0, process_count: int = 1, rft_logprobs=Non
     initial = state
     state, sft_metrics = make_sft_step(graphdef, optimizer, layout=layout)(state, batch)
 
-    learner = RFTLearner(graphdef, optimizer, RFTConfig(num_samples=SAMPLES), layout=layout)
+    learner = RFTLearner(graphdef, RFTConfig(num_samples=SAMPLES), layout=layout)
     _, rft_state = create_train_state(nnx.merge(graphdef, placed()), optimizer, 0, layout=layout)
     prompts, tokens, lengths, rewards = rft_rollouts(share(PROMPTS))
     if rft_logprobs is None:
@@ -180,7 +180,7 @@ def run(layout, process_index: int = 0, process_count: int = 1, rft_logprobs=Non
             response_mask=(np.arange(tokens.shape[1]) < lengths[:, None]).astype(np.int32),
             row_weight=np.ones(len(tokens), np.float32), old_logprobs=rft_logprobs[0],
             ref_logprobs=rft_logprobs[1]), layout)
-    rft_state, rft_metrics = learner.update(rft_state, [rft_batch])
+    rft_state, rft_metrics = learner.update(rft_state, [rft_batch], optimizer)
     return {"logits": logits, "images": images, "initial": initial, "sft_state": state, "sft": sft_metrics,
             "rft_state": rft_state, "rft": rft_metrics,
             "rft_logprobs": (rft_batch["old_logprobs"], rft_batch["ref_logprobs"])}

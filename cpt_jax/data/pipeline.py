@@ -189,11 +189,14 @@ class Loader:
       shard_index, shard_count: this process's slice of every task (default: the JAX process index and count).
       strict: raise `BadExampleError` on an example no bucket holds instead of skipping it.
       num_threads, prefetch: grain reader threads and encoded examples read ahead (default 2 batches).
+      target_format: the SFT target text made from the reference answer (e.g. a CoT layout with the answer in
+        \\boxed{}, so SFT learns the format the reward and evaluation read); "{answer}" trains on the bare answer.
     """
 
     def __init__(self, sources, *, mode, tokenizer, config, batch_size, buckets, processor=None, template="cot",
                  system=None, weights=None, seed=0, shuffle=True, num_epochs=None, drop_remainder=False,
-                 shard_index=None, shard_count=None, strict=False, num_threads=8, prefetch=None):
+                 shard_index=None, shard_count=None, strict=False, num_threads=8, prefetch=None,
+                 target_format="{answer}"):
         if mode not in MODES:
             raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {sorted(MODES)}")
         if not isinstance(sources, Mapping) or not sources:
@@ -224,6 +227,9 @@ class Loader:
         self.batch_size = batch_size
         self.buckets = buckets
         self.template, self.system = template, system
+        if "{answer}" not in target_format:
+            raise ValueError(f"target_format {target_format!r} must contain '{{answer}}'")
+        self.target_format = target_format
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.drop_remainder = drop_remainder
         self.shard_index, self.shard_count = shard_index, shard_count
@@ -291,7 +297,8 @@ class Loader:
             merge_size = self.processor.merge_size
             if self.mode == "sft":
                 input_ids, loss_mask = encode_sft_example(
-                    self.tokenizer, example["question"], example["answer"], grid_thw, merge_size, self.template,
+                    self.tokenizer, example["question"], self.target_format.format(answer=example["answer"]),
+                    grid_thw, merge_size, self.template,
                     self.system, record_id=example["id"])
             else:
                 loss_mask = None

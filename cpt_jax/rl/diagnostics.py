@@ -56,14 +56,15 @@ def tree_sq_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def group_contributions(loss_fn: Callable[[Any, jax.Array], jax.Array], params, num_rows: int, group_size: int,
+def group_contributions(grad_fn: Callable[[Any, jax.Array], Any], params, num_rows: int, group_size: int,
                         groups: Sequence[int]) -> np.ndarray:
     """Gradient norm of the loss restricted to each listed group.
 
-    `loss_fn(params, row_weight (num_rows,)) -> scalar` must scale each row's contribution by `row_weight` (the
-    RFT loss takes it for this purpose); one backward pass per group, so `groups` bounds the cost.
+    `grad_fn(params, row_weight (num_rows,)) -> grads` is the (jitted, reused) gradient of a loss that scales each
+    row's contribution by `row_weight` (the RFT loss takes it for this purpose); one backward pass per group, so
+    `groups` bounds the cost.
     """
-    grad = jax.jit(jax.grad(loss_fn))
+    grad = grad_fn
     norms = []
     for g in groups:
         weight = np.zeros(num_rows, np.float32)
@@ -72,20 +73,24 @@ def group_contributions(loss_fn: Callable[[Any, jax.Array], jax.Array], params, 
     return np.asarray(jax.device_get(norms), np.float64)
 
 
-def diagonal_fisher(nll_fn: Callable[[Any, Any], jax.Array], params, examples: Sequence[Any]):
+def diagonal_fisher(grad_fn: Callable[[Any, Any], Any], params, examples: Sequence[Any]):
     """Diagonal empirical Fisher: the mean over examples of the squared gradient of each example's NLL.
 
-    `nll_fn(params, example) -> scalar` is the negative log-likelihood of one held-out example (a batch of one);
-    gradients are taken one example at a time so memory stays at one gradient.
+    `grad_fn(params, example) -> grads` is the (jitted, reused) gradient of one held-out example's negative
+    log-likelihood (a batch of one); gradients are taken one example at a time so memory stays at one gradient.
     """
     if not examples:
         raise ValueError("diagonal_fisher needs at least one held-out example of an earlier task")
-    grad = jax.jit(jax.grad(nll_fn))
+    grad = grad_fn
     total = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-    accumulate = jax.jit(lambda t, g: jax.tree.map(lambda a, b: a + jnp.square(b.astype(jnp.float32)), t, g))
     for example in examples:
-        total = accumulate(total, grad(params, example))
+        total = _add_square(total, grad(params, example))
     return jax.tree.map(lambda x: x / len(examples), total)
+
+
+@jax.jit
+def _add_square(total, grads):
+    return jax.tree.map(lambda a, b: a + jnp.square(b.astype(jnp.float32)), total, grads)
 
 
 @jax.jit

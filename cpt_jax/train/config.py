@@ -7,12 +7,6 @@ command line overrides any key with `--config.a.b=value`.
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
-import os
-from collections.abc import Sequence
-
 import ml_collections
 
 METHODS = ("sft", "rft", "rif_rft", "multitask_sft", "multitask_rft", "rft_no_kl", "rft_no_cot", "rloo",
@@ -42,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.template = "cot"  # prompt template for RFT and evaluation ("cot", "no_cot", "plain")
     c.data.sft_template = "plain"  # the paper's SFT data keeps the task's own instruction text
+    c.data.sft_target = "{answer}"  # SFT target text from the reference answer (pipeline target_format)
     c.data.min_pixels = 200704
     c.data.max_pixels = 1003520
     c.data.length_buckets = (512, 1024, 2048, 4096)
@@ -102,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.temperature = 0.5  # 0 = greedy
+    c.eval.reward = ""  # accuracy from this reward; "" = rft.reward
     c.eval.max_new_tokens = 1024
     c.eval.batch_size = 64
 
@@ -128,53 +124,3 @@ def default_config() -> ml_collections.ConfigDict:
     c.aot_topology = ""  # the smallest TPU slice this config fits on, e.g. "v5p:2x2x1" (`cpt-jax aot`)
     c.lock()
     return c
-
-
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """`get_config()` of the Python config file at `path`, then `--config.a.b=value` overrides (Python literals,
-    else strings). An override of an undeclared key is an error naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path!r}; pass a file such as configs/qwen2_5_vl_7b_rft.py")
-    spec = importlib.util.spec_from_file_location(f"cpt_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for override in overrides:
-        key, sep, text = override.removeprefix("--").partition("=")
-        if not key.startswith("config.") or not sep:
-            raise ValueError(f"override {override!r} must read --config.a.b=value")
-        *parents, leaf = key.removeprefix("config.").split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"override {override!r}: {key!r} is not a declared config key")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(node[leaf], tuple) and isinstance(value, list):
-            value = tuple(value)
-        node[leaf] = value
-    return config
-
-
-def add_override_flags(parser: argparse.ArgumentParser) -> None:
-    """Declares `--config.a.b=value` for every key of `default_config()`, so argparse rejects undeclared ones."""
-    group = parser.add_argument_group("config overrides", "any declared key, e.g. --config.mesh.fsdp=4")
-
-    def add(prefix, node):
-        for key, value in node.items():
-            if isinstance(value, ml_collections.ConfigDict):
-                add(f"{prefix}{key}.", value)
-            else:
-                group.add_argument(f"--config.{prefix}{key}", dest=f"config.{prefix}{key}", metavar="VALUE",
-                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-    add("", default_config())
-
-
-def overrides_from(args: argparse.Namespace) -> list[str]:
-    """The `--config.a.b=value` overrides given on the command line, in `load_config`'s format."""
-    return [f"--{key}={value}" for key, value in vars(args).items() if key.startswith("config.")]

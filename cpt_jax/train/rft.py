@@ -118,16 +118,16 @@ def rft_loss(graphdef, params, batch, config: RFTConfig, *, max_response_length:
 
 
 class RFTLearner:
-    """Jitted pieces of the RFT update around a fixed graphdef, optimizer and config.
+    """Jitted pieces of the RFT update around a fixed graphdef and config.
 
-    Functions compile once per distinct micro-batch shape; the data pipeline's length and patch buckets bound
-    their number. With `layout`, every piece takes the shardings `sharding.PROGRAMS` declares for it.
+    The loss, gradient and log-prob programs are built once and compile once per distinct micro-batch shape (the
+    data pipeline's length and patch buckets bound their number), however many tasks and optimizers follow. With
+    `layout`, every program takes the shardings `sharding.PROGRAMS` declares for it.
     """
 
-    def __init__(self, graphdef, optimizer: Optimizer, config: RFTConfig, *, max_response_length=None,
+    def __init__(self, graphdef, config: RFTConfig, *, max_response_length=None,
                  layout: sharding.Layout | None = None):
         self.graphdef = graphdef
-        self.optimizer = optimizer
         self.config = config
         self.layout = layout
         self.max_response_length = max_response_length or config.max_new_tokens
@@ -139,6 +139,9 @@ class RFTLearner:
                                              max_response_length=self.max_response_length)
             return total, (count, metrics)
 
+        def weighted_total(params, batch, row_weight):
+            return loss(params, dict(batch, row_weight=row_weight * batch["row_weight"]))[0]
+
         def logprobs(params, batch):
             return response_logprobs(graphdef, params, batch, temperature)[0]
 
@@ -147,17 +150,24 @@ class RFTLearner:
 
         self.logprobs = sharding.jit(logprobs, "rft_logprobs", layout)
         self.grad = sharding.jit(jax.value_and_grad(loss, has_aux=True), "rft_grad", layout)
+        # Gradient of the loss summed over a subset of rows (diagnostics: one group's contribution).
+        self.row_grad = sharding.jit(jax.grad(weighted_total), "rft_row_grad", layout)
         self._add = sharding.jit(accumulate, "rft_accumulate", layout)
-        self._apply = sharding.jit(self._apply_update, "rft_apply", layout)
+        self._apply_fns = {}
 
-    def _apply_update(self, state: TrainState, grads, total, count):
-        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        loss = total / jnp.maximum(count, 1.0)
-        new_state = apply_gradients(state, grads, self.optimizer)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                           "lr": self.optimizer.learning_rate(state.step)}
+    def _apply_fn(self, optimizer: Optimizer):
+        if id(optimizer) not in self._apply_fns:
+            def apply(state: TrainState, grads, total, count):
+                grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+                grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+                loss = total / jnp.maximum(count, 1.0)
+                new_state = apply_gradients(state, grads, optimizer)
+                finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                                   "lr": optimizer.learning_rate(state.step)}
+
+            self._apply_fns = {id(optimizer): (optimizer, sharding.jit(apply, "rft_apply", self.layout))}
+        return self._apply_fns[id(optimizer)][1]
 
     def advantages(self, rewards_N) -> jax.Array:
         return self.advantage_fn(jnp.asarray(rewards_N, jnp.float32), self.config.num_samples,
@@ -180,7 +190,7 @@ class RFTLearner:
             batch["ref_logprobs"] = self.logprobs(ref_params, batch)
         return batch
 
-    def update(self, state: TrainState, micro_batches: Sequence[dict]) -> tuple[TrainState, dict]:
+    def update(self, state: TrainState, micro_batches: Sequence[dict], optimizer: Optimizer):
         """One optimizer update from several micro-batches, exactly as one batch (sums, then one division)."""
         acc = None
         for batch in micro_batches:
@@ -188,7 +198,7 @@ class RFTLearner:
             step = (grads, total, count, metrics)
             acc = step if acc is None else self._add(acc, step)
         grads, total, count, metric_sums = acc
-        state, metrics = self._apply(state, grads, total, count)
+        state, metrics = self._apply_fn(optimizer)(state, grads, total, count)
         metrics.update({k: v.total / jnp.maximum(v.count, 1.0) for k, v in metric_sums.items()})
         return state, metrics
 

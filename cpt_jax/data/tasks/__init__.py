@@ -8,7 +8,7 @@ Names may drop the "cpt_" prefix; a builder with configs is named "<builder>/<co
 
 import tensorflow_datasets as tfds
 
-from cpt_jax.data.tasks.base import BadExampleError, ExampleSource, Limits, SplitReport, TaskBuilder
+from cpt_jax.data.tasks.base import BadExampleError, ExampleSource, Limits, SplitReport, Subset, TaskBuilder
 from cpt_jax.data.tasks.geometry3k import CptGeometry3k
 from cpt_jax.data.tasks.gqa import CptGqa
 from cpt_jax.data.tasks.mmlu_pro import CptMmluPro
@@ -22,7 +22,7 @@ from cpt_jax.data.tasks.textvqa import CptTextvqa
 from cpt_jax.data.tasks.vizwiz import CptVizwiz
 
 __all__ = [
-    "BUILDERS", "BadExampleError", "ExampleSource", "Limits", "SplitReport", "SyntheticConfig", "TaskBuilder",
+    "BUILDERS", "BadExampleError", "ExampleSource", "Limits", "SplitReport", "Subset", "SyntheticConfig", "TaskBuilder",
     "expand", "get_builder", "load_split", "prepare",
 ]
 

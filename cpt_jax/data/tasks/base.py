@@ -482,3 +482,25 @@ class ExampleSource(Sequence):
     def __iter__(self):
         for index in range(len(self)):
             yield self[index]
+
+    def ids(self) -> list[str]:
+        """Every example's id, without decoding images."""
+        return [self._data_source[i]["id"].decode() for i in range(len(self))]
+
+
+class Subset(Sequence):
+    """The examples of `source` at `indices`, in that order (a task limited to a size, or RIF's kept items)."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.source[self.indices[index]]
+
+    def ids(self) -> list[str]:
+        all_ids = self.source.ids()
+        return [all_ids[i] for i in self.indices]

@@ -1,0 +1,176 @@
+"""The continual loop end to end on tiny settings: every method, summaries, kill-and-resume, the demo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpt_jax import demo
+from cpt_jax.data import tasks
+from cpt_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, save_hf_checkpoint
+from cpt_jax.rl.rewards import register_reward
+from cpt_jax.train.config import METHODS
+from cpt_jax.train.continual import ContinualRun
+from cpt_jax.train.optimizer import path_str
+
+TASKS = ("synthetic/colour", "synthetic/shape")
+GENERAL = ("synthetic/existence",)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    tok_dir = build_tiny_tokenizer(root / "tokenizer", extra_texts=[demo.COT_TARGET])
+    data_dir = root / "data"
+    for name in TASKS + GENERAL:
+        tasks.prepare(name, data_dir, config=None)
+    tokenizer = load_tokenizer(tok_dir)
+    config = demo.tiny_model_config(tokenizer)
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0)))
+    graphdef, shapes = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):  # numpy init: JAX random init compiles one program per shape
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return jnp.asarray(1.0 + 0.1 * noise if path_str(path).endswith("scale/value") else 0.1 * noise)
+
+    base = root / "base"
+    save_hf_checkpoint(nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, shapes)), base)
+    for name in os.listdir(tok_dir):
+        (base / name).write_bytes((tok_dir / name).read_bytes() if hasattr(tok_dir, "read_bytes")
+                                  else open(os.path.join(tok_dir, name), "rb").read())
+    return {"base": str(base), "data": str(data_dir)}
+
+
+def tiny_config(method, assets):
+    c = demo.demo_config(method, quick=True)
+    c.model.hf_dir = assets["base"]
+    c.data.data_dir = assets["data"]
+    c.data.tasks = TASKS
+    c.data.general = GENERAL
+    c.data.min_pixels = c.data.max_pixels = 56 * 56
+    c.data.patch_buckets = (32, 64, 128)
+    c.data.max_train_examples = 8
+    c.data.max_eval_examples = 4
+    c.sft.batch_size = 4
+    c.rft.prompt_batch_size = 2
+    c.rft.rollout_batches = 2
+    c.rft.num_samples = 2
+    c.rft.max_new_tokens = 4
+    c.rft.micro_batches_per_update = 1
+    c.rif.num_samples = 2
+    c.eval.max_new_tokens = 4
+    c.eval.batch_size = 4
+    c.schedule.max_steps_per_task = 2
+    c.diagnostics.gradient_every = 2
+    c.diagnostics.num_groups = 1
+    c.diagnostics.fisher_examples = 1
+    return c
+
+
+@register_reward("test_length_parity")
+def _length_parity(predictions, ground_truths):
+    """A stand-in verifier a random model passes about half the time, so RIF and GRPO see mixed groups."""
+    return [{"overall": float(len(p) % 2 == 0), "format": 1.0, "accuracy": float(len(p) % 2 == 0)}
+            for p in predictions]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_a_two_task_sequence(method, assets, tmp_path):
+    config = tiny_config(method, assets)
+    if method == "rif_rft":
+        config.rft.reward = "test_length_parity"
+    summary = ContinualRun(config, tmp_path).run()
+    written = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert summary["method"] == method and summary["tasks"] == list(TASKS)
+    matrix = np.array(summary["accuracy_matrix"], dtype=float)
+    assert matrix.shape == (2, 2)
+    assert np.all((matrix[np.tril_indices(2)] >= 0) & (matrix[np.tril_indices(2)] <= 1))
+    assert set(summary["general"]["before"]) == set(summary["general"]["after"]) == set(GENERAL)
+    assert summary["AA"] == pytest.approx(matrix[1].mean())
+    if method.startswith("multitask"):
+        assert summary["FM"] == 0.0
+    if method == "rif_rft":
+        kept = [json.loads(p.read_text()) for p in (tmp_path / "rif").iterdir()]
+        assert len(kept) == 2 and all(0 < len(k["kept_ids"]) <= 8 for k in kept)
+    if "rft" in method or method in ("rloo", "reinforce"):
+        diag = [json.loads(line) for line in (tmp_path / "results" / "diagnostics.jsonl").read_text().splitlines()]
+        assert diag and all(0.0 <= d["zero_var_frac"] <= 1.0 for d in diag)
+    assert (tmp_path / "tb" / "train").is_dir()
+
+
+CONFIG_FILE = """
+from cpt_jax import demo
+
+def get_config():
+    c = demo.demo_config("rft", quick=True)
+    c.model.hf_dir = {base!r}
+    c.data.data_dir = {data!r}
+    c.data.tasks = {tasks!r}
+    c.data.general = {general!r}
+    c.data.min_pixels = c.data.max_pixels = 56 * 56
+    c.data.patch_buckets = (32, 64, 128)
+    c.data.max_train_examples = 12
+    c.data.max_eval_examples = 4
+    c.rft.prompt_batch_size = 2
+    c.rft.rollout_batches = 2
+    c.rft.num_samples = 2
+    c.rft.max_new_tokens = 4
+    c.rft.micro_batches_per_update = 1
+    c.eval.max_new_tokens = 4
+    c.eval.batch_size = 4
+    c.schedule.max_steps_per_task = 3
+    c.diagnostics.gradient_every = 0
+    c.checkpoint.every_steps = 1
+    c.checkpoint.keep = 2
+    return c
+"""
+
+
+def _train_cmd(config_path, workdir):
+    return [sys.executable, "-m", "cpt_jax.cli", "train", "--config", str(config_path), "--workdir", str(workdir)]
+
+
+def _final(workdir, config_path):
+    from cpt_jax.train.cli import load_config
+
+    run = ContinualRun(load_config(str(config_path)), workdir)
+    params = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(run.latest_params())[0]}
+    return params, json.loads((workdir / "results" / "summary.json").read_text())
+
+
+def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
+    config_path = tmp_path / "tiny_rft.py"
+    config_path.write_text(CONFIG_FILE.format(base=assets["base"], data=assets["data"], tasks=TASKS, general=GENERAL))
+    env = dict(os.environ)
+    subprocess.run(_train_cmd(config_path, tmp_path / "straight"), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config_path, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Save 2 is the second mid-task checkpoint of the first task: the run is inside a task when it dies.
+    while not (killed / "checkpoints" / "2").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results" / "summary.json").exists()
+    subprocess.run(_train_cmd(config_path, killed), check=True, env=env, capture_output=True)
+
+    straight_params, straight_summary = _final(tmp_path / "straight", config_path)
+    killed_params, killed_summary = _final(killed, config_path)
+    assert killed_summary == straight_summary
+    for path, value in straight_params.items():
+        np.testing.assert_array_equal(killed_params[path], value, err_msg=path)
