@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import time
 
 # chip (device_kind) -> (name, HBM GiB per chip, peak bf16 TFLOP/s per chip)
@@ -200,8 +201,8 @@ def topology_devices(topology: str):
     return devices, name, hbm / per_chip, peak / per_chip
 
 
-def compile_programs(config, devices, programs=None, *, on_report=None) -> list[Report]:
-    """Lowers and compiles `programs` (default: those of the config's method) of the real model on `devices`."""
+def compile_programs(config, mesh, programs=None, *, on_report=None) -> list[Report]:
+    """Lowers and compiles `programs` (default: those of the config's method) of the real model on `mesh`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -218,7 +219,7 @@ def compile_programs(config, devices, programs=None, *, on_report=None) -> list[
     programs = tuple(programs or default_programs(config))
     model_config = resolve_config(config.model.hf_dir, config.model.name)
     shapes = shapes_of(config)
-    layout = sharding.Layout(sharding.mesh_from_config(config.mesh, devices))
+    layout = sharding.Layout(mesh)
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     abstract_model = nnx.eval_shape(lambda: Qwen2_5_VL(model_config, rngs=nnx.Rngs(0), dtype=dtype,
                                                        param_dtype=param_dtype, attention=config.model.attention,
@@ -263,23 +264,22 @@ def compile_programs(config, devices, programs=None, *, on_report=None) -> list[
                          loss_mask=_sds((*micro, s.sft_rows, s.length), jnp.int32))
             batch = _placed(batch, layout.shardings("batch", batch))
             step = make_sft_step(graphdef, optimizer, compute_dtype=dtype, layout=layout)
-            return step.lower(state, batch), 0
+            return step, (state, batch), {}, 0
         if name == "rft_logprobs":
-            return learner.logprobs.lower(params, update_batch), opt_bytes + ref_bytes
+            return learner.logprobs, (params, update_batch), {}, opt_bytes + ref_bytes
         if name == "rft_grad":
-            return learner.grad.lower(params, update_batch), opt_bytes + ref_bytes + accumulator
+            return learner.grad, (params, update_batch), {}, opt_bytes + ref_bytes + accumulator
         if name == "rft_apply":
             scalar = _placed(_sds((), jnp.float32), layout.shardings("replicated", _sds((), jnp.float32)))
-            return learner._apply_fn(optimizer).lower(state, params, scalar, scalar), ref_bytes
+            return learner._apply_fn(optimizer), (state, params, scalar, scalar), {}, ref_bytes
         resident = _bytes_per_device(state) + ref_bytes
         prefill, decode = sampling.programs(layout)
         prompts = _prompts(model_config, s.prompts, s.length, s.patches)
         prompts = _placed(prompts, layout.shardings("batch", prompts, sampler=True))
         static = dict(cache_size=s.length + s.response - 1, num_samples=s.samples)
-        lowered = prefill.lower(graphdef, sampler_params, prompts, **static)
         if name == "rollout_prefill":
-            return lowered, resident
-        logits, cache = lowered.out_info
+            return prefill, (graphdef, sampler_params, prompts), static, resident
+        logits, cache = prefill.lower(graphdef, sampler_params, prompts, **static).out_info
         logits, cache = _placed((logits, cache), layout.tree_shardings(("batch", "batch"), (logits, cache),
                                                                        sampler=True))
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -287,22 +287,41 @@ def compile_programs(config, devices, programs=None, *, on_report=None) -> list[
         cfg = sampling.decode_config(model_config, max_new_tokens=s.response, temperature=rft.temperature,
                                      top_p=rft.top_p, top_k=rft.top_k, num_samples=s.samples,
                                      eos_token_ids=(model_config.text.eos_token_id,), pad_token_id=0)
-        return decode.lower(graphdef, sampler_params, logits, cache, key, cfg=cfg), resident
+        return decode, (graphdef, sampler_params, logits, cache, key), {"cfg": cfg}, resident
 
     reports = []
     for name in programs:
         if name not in PROGRAMS:
             raise ValueError(f"unknown program {name!r}; choose from {PROGRAMS}")
         start = time.perf_counter()
-        lowered, resident = lower(name)
-        memory = lowered.compile().memory_analysis()
-        report = Report(name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
-                        memory.alias_size_in_bytes, memory.temp_size_in_bytes, resident,
-                        program_flops(model_config, shapes, name), time.perf_counter() - start)
+        program, args, static, resident = lower(name)
+        lowered = program.lower(*args, **static)
+        flops = program_flops(model_config, shapes, name)
+        try:
+            memory = lowered.compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as error:
+            # The TPU compiler stops when temporaries exceed HBM and says how much they needed.
+            needed = _exhausted_bytes(str(error))
+            if needed is None:
+                raise
+            report = Report(name, _bytes_per_device(args), 0, 0, needed, resident, flops,
+                            time.perf_counter() - start)
+        else:
+            report = Report(name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+                            memory.alias_size_in_bytes, memory.temp_size_in_bytes, resident, flops,
+                            time.perf_counter() - start)
         reports.append(report)
         if on_report is not None:
             on_report(report)
     return reports
+
+
+def _exhausted_bytes(message: str) -> int | None:
+    """Bytes of temporaries a program needed, from the TPU compiler's out-of-memory message (None if it is not)."""
+    found = re.search(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+    if "RESOURCE_EXHAUSTED" not in message or found is None:
+        return None
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
 
 
 def format_report(report: Report, hbm_gib: float, peak_tflops: float, devices: int) -> str:
@@ -341,11 +360,13 @@ def _main(args) -> int:
         devices, chip, hbm, peak = topology_devices(topology)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    from cpt_jax import sharding
+
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     print(f"{args.config} on {topology}: {len(devices)} {chip} devices, {hbm:.1f} GiB HBM each; mesh "
-          f"data={config.mesh.data}x{config.mesh.dcn_data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}; "
-          f"per-device memory, model FLOPs of the padded shapes and a lower bound on time at peak",
-          flush=True)
-    reports = compile_programs(config, devices, args.programs,
+          f"{dict(mesh.shape)}; per-device memory, model FLOPs of the padded shapes and a lower bound on time at "
+          "peak", flush=True)
+    reports = compile_programs(config, mesh, args.programs,
                                on_report=lambda r: print(format_report(r, hbm, peak, len(devices)), flush=True))
     over = [r.program for r in reports if r.total > hbm * GiB]
     if over:
