@@ -81,7 +81,9 @@ def run(size: common.Size, argv: list[str]) -> dict:
     assert generated == size.max_new_tokens, f"transformers generated {generated} tokens"
 
     jax_s, ref_s = float(np.median(jax_times)), float(np.median(ref_times))
+    # The median is the headline; the best-of ratio is less sensitive to other processes on a shared machine.
     result.update(jax_tokens_per_s=tokens / jax_s, reference_tokens_per_s=tokens / ref_s, ratio=ref_s / jax_s,
+                  ratio_best=min(ref_times) / min(jax_times),
                   jax_compile_s=compile_s, jax_call_s=jax_times, reference_first_call_s=ref_first_s,
                   reference_call_s=ref_times)
 

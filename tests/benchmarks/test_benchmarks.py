@@ -29,6 +29,7 @@ def check_common_fields(result, path, script):
     assert {"jax", "torch", "transformers"} <= set(result["versions"])
     assert result["jax_tokens_per_s"] > 0 and result["reference_tokens_per_s"] > 0
     assert math.isclose(result["ratio"], result["jax_tokens_per_s"] / result["reference_tokens_per_s"], rel_tol=1e-9)
+    assert result["ratio_best"] > 0
     assert result["limits"]["matmul_peak_flops"] > 1e8
     assert result["limits"]["memory_bandwidth_bytes_per_s"] > 1e8
 
