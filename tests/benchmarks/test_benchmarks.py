@@ -6,7 +6,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from benchmarks import bench_rollout, bench_train, common
 from cpt_jax.models.qwen2_5_vl import vision_inputs
@@ -43,7 +42,7 @@ def test_benchmarks_run_and_write_their_fields(tmp_path):
     check_common_fields(train, tmp_path / "train.json", "bench_train.py")
     # Same weights and batch on both sides: the first losses agree, so the two steps compute the same thing.
     np.testing.assert_allclose(train["jax_first_loss"], train["reference_first_loss"], rtol=1e-5)
-    assert train["limits"]["xla_flops_per_step"] == pytest.approx(train["limits"]["model_flops_per_step"], rel=0.2)
+    assert train["limits"]["model_flops_per_step"] > 6 * train["params"]["text"] * TINY.batch * TINY.sft_length / 2
     assert 0 < train["limits"]["jax_mfu"] < 1 and train["rft_update_median_s"] > 0
 
 
