@@ -82,7 +82,20 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, dcn_data: int =
 
 
 def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
-    """`make_mesh` from the `mesh` section of an experiment config (data, fsdp, tensor, dcn_data)."""
+    """`make_mesh` from the `mesh` section of an experiment config (data, fsdp, tensor, dcn_data, num_devices).
+
+    `num_devices` > 0 uses only the first that many devices (one process; e.g. a single-device run on a host that
+    has several); 0 uses them all.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    count = config.get("num_devices", 0)
+    if count:
+        if count < 0 or count > len(devices):
+            raise ValueError(f"mesh.num_devices={count} must be 0 (all) or between 1 and the {len(devices)} devices")
+        if jax.process_count() > 1:
+            raise ValueError(f"mesh.num_devices={count} selects devices of one process; with "
+                             f"{jax.process_count()} processes leave it at 0 (all devices)")
+        devices = devices[:count]
     return make_mesh(config.data, config.fsdp, config.tensor, dcn_data=config.dcn_data, devices=devices)
 
 

@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
     c.mesh.dcn_data = 1
+    c.mesh.num_devices = 0  # 0: every device; n > 0: the first n (one process)
     c.distributed = False  # jax.distributed.initialize() at start (multi-host; automatic on Cloud TPU VMs)
 
     c.log_every = 10

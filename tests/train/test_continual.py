@@ -74,6 +74,7 @@ def tiny_config(method, assets):
     c.diagnostics.gradient_every = 2
     c.diagnostics.num_groups = 1
     c.diagnostics.fisher_examples = 1
+    c.mesh.num_devices = 1  # the sharded runs have their own test
     return c
 
 
@@ -109,6 +110,35 @@ def test_every_method_runs_a_two_task_sequence(method, assets, tmp_path):
     assert (tmp_path / "tb" / "train").is_dir()
 
 
+@pytest.mark.parametrize("method", ["sft", "rft"])
+def test_a_run_on_a_mesh_matches_one_device(method, assets, tmp_path):
+    runs = {}
+    for name, mesh in (("one", {"num_devices": 1}), ("mesh", {"num_devices": 8, "data": 2, "fsdp": 2, "tensor": 2})):
+        config = tiny_config(method, assets)
+        config.data.general = ()
+        config.diagnostics.gradient_every = 0
+        # Adam turns a gradient of ~1e-9 (a rarely seen embedding row) into a full lr-sized step whose sign follows
+        # summation order; a large eps keeps the update proportional to the gradient so 1e-5 compares the sharding
+        # (and a large lr makes the steps count).
+        config.optim.eps = 1.0
+        config.optim.learning_rate = 0.1
+        config.rft.reward = "test_length_parity"  # mixed groups, so RFT has advantages to follow
+        config.mesh.update(mesh)
+        run = ContinualRun(config, tmp_path / name)
+        runs[name] = (run.run(), run.final_params)
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree.leaves(run.final_params), jax.tree.leaves(run.base_params)))
+        assert moved > 1e-3
+    (one, one_params), (sharded, sharded_params) = runs["one"], runs["mesh"]
+    assert sharded["accuracy_matrix"] == one["accuracy_matrix"]
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded_params)]
+    assert any("fsdp" in jax.tree.leaves(tuple(spec)) for spec in specs)
+    assert any("tensor" in jax.tree.leaves(tuple(spec)) for spec in specs)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one_params)[0], jax.tree.leaves(sharded_params)):
+        assert len(b.sharding.device_set) == 8
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5, err_msg=path_str(path))
+
+
 CONFIG_FILE = """
 from cpt_jax import demo
 
@@ -133,6 +163,8 @@ def get_config():
     c.diagnostics.gradient_every = 0
     c.checkpoint.every_steps = 1
     c.checkpoint.keep = 2
+    c.mesh.num_devices = 4  # sharded state: the checkpoint restores onto the mesh
+    c.mesh.tensor = 2
     return c
 """
 
