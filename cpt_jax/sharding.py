@@ -158,6 +158,8 @@ BATCH_FIELDS: dict[str, tuple[str | None, ...]] = {
 # Index fields of `VisionInputs` point into the patch (or merged-token) axis of their own batch; in a global batch
 # they are offset by where the process's block starts. Segment ids only need to stay distinct between processes.
 _PATCH_INDEX_FIELDS = ("patch_order", "unpermute", "window_seg", "frame_seg")
+# The axes a global batch concatenates over processes.
+_PROCESS_SPLIT_AXES = ("act_batch", "act_patches")
 
 KINDS = ("params", "batch", "replicated")
 
@@ -367,19 +369,31 @@ def global_batch(local_batch, layout: Layout, *, sampler: bool = False):
     `Loader.align`); rows are split over ('data', 'fsdp') by `BATCH_FIELDS`. Index fields of vision inputs are
     offset to point into this process's block of the global patch axis.
     """
-    shardings = layout.shardings("batch", local_batch, sampler=sampler)
+    processes = jax.process_count()
+
+    def global_shape(path, x):
+        # Shardings are chosen for the global rows and patches (a split that divides the global axis).
+        names = _batch_names(path, np.ndim(x))
+        shape = tuple(n * processes if name in _PROCESS_SPLIT_AXES else n for name, n in zip(names, np.shape(x)))
+        return jax.ShapeDtypeStruct(shape, np.asarray(x).dtype)
+
+    shardings = layout.shardings("batch", jax.tree_util.tree_map_with_path(global_shape, local_batch),
+                                 sampler=sampler)
 
     def make(path, x, sharding):
         x = np.asarray(x)
         array = jax.make_array_from_process_local_data(sharding, x)
         name = _field_name(path)
-        if name not in _PATCH_INDEX_FIELDS or jax.process_count() == 1:
+        if jax.process_count() == 1:
+            return array
+        if x.ndim and array.shape == x.shape:
+            # Unsplit, every process's rows would be taken for the same global rows.
+            raise ValueError(f"batch field {name!r} of shape {x.shape} per process is not split over the "
+                             f"{jax.process_count()} processes on mesh {dict(sharding.mesh.shape)}; give each "
+                             "process a multiple of its ('data', 'fsdp') devices rows (and 4x that many patches)")
+        if name not in _PATCH_INDEX_FIELDS:
             return array
         axis = x.ndim - 1
-        if array.shape[axis] == x.shape[axis]:
-            raise ValueError(f"vision field {name!r} of {x.shape[axis]} entries is not split over the processes on "
-                             f"mesh {dict(sharding.mesh.shape)}; pad patches to a multiple of 4 * the "
-                             "('data', 'fsdp') devices per process")
         start = min(shard.index[axis].start or 0 for shard in array.addressable_shards)
         x = np.where(x >= 0, x + start, x) if name.endswith("_seg") else x + start
         return jax.make_array_from_process_local_data(sharding, x)

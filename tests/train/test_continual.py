@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -206,3 +207,65 @@ def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
     assert killed_summary == straight_summary
     for path, value in straight_params.items():
         np.testing.assert_array_equal(killed_params[path], value, err_msg=path)
+
+
+MULTIHOST_CONFIG = """
+from cpt_jax import demo
+
+def get_config():
+    c = demo.demo_config({method!r}, quick=True)
+    c.model.hf_dir = {base!r}
+    c.data.data_dir = {data!r}
+    c.data.tasks = {tasks!r}
+    c.data.general = ()
+    c.data.min_pixels = c.data.max_pixels = 56 * 56
+    c.data.patch_buckets = (32, 64, 128)
+    c.data.max_train_examples = 8
+    c.data.max_eval_examples = 4
+    c.sft.batch_size = 4
+    c.rft.prompt_batch_size = 4  # 2 per process: one per data-parallel device
+    c.rft.rollout_batches = 1
+    c.rft.num_samples = 2
+    c.rft.max_new_tokens = 4
+    c.rft.micro_batches_per_update = 1
+    c.rft.reward = "test_length_parity"
+    c.eval.max_new_tokens = 4
+    c.eval.batch_size = 4
+    c.schedule.max_steps_per_task = 2
+    c.diagnostics.gradient_every = 0
+    c.checkpoint.every_steps = 1
+    c.optim.learning_rate = 0.1
+    return c
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "rft"])
+def test_two_processes_run_the_loop_on_one_global_mesh(method, assets, tmp_path):
+    """2 CPU processes x 2 devices (gloo): each reads its own shard of every batch, the steps run on the global
+    4-device mesh, both end with the same global parameters and accuracies, and only process 0 writes results."""
+    from tests.test_sharding import _free_port
+
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text(MULTIHOST_CONFIG.format(method=method, base=assets["base"], data=assets["data"],
+                                                   tasks=TASKS))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    coordinator = f"localhost:{_free_port()}"
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.train.continual_worker", "--config", str(config_path),
+                                 "--workdir", str(tmp_path / "run"), "--coordinator", coordinator,
+                                 "--process-id", str(i), "--num-processes", "2"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    results = [json.loads(line[len("WORKER_RESULT "):]) for out, _ in outputs for line in out.splitlines()
+               if line.startswith("WORKER_RESULT ")]
+    assert [r["process"] for r in results] == [0, 1] and all(r["devices"] == 4 for r in results)
+    assert results[0]["accuracy_matrix"] == results[1]["accuracy_matrix"]
+    assert results[0]["abs_sum"] == results[1]["abs_sum"]
+    assert results[0]["moved"] > 1e-3
+    summary = json.loads((tmp_path / "run" / "results" / "summary.json").read_text())
+    assert summary["accuracy_matrix"] == results[0]["accuracy_matrix"]
+    assert (tmp_path / "run" / "checkpoints").is_dir()

@@ -245,15 +245,22 @@ def load_hf_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax
                 sharding = logical_to_mesh_sharding(var, mesh, rules, entry.path)
                 value = jax.make_array_from_callback(shape, sharding, _once_per_index(read))
             var.set_value(value)
-        if tied_head:
-            head = index.read("lm_head.weight")
-            embed = index.read("model.language_model.embed_tokens.weight")
-            if head.shape != embed.shape or not np.array_equal(head, embed):
-                raise ValueError(f"{ckpt_dir!r}: tie_word_embeddings is true but lm_head.weight differs from "
-                                 "embed_tokens.weight; fix tie_word_embeddings in config.json")
+        if tied_head and not _same_tensor(index.slice("lm_head.weight"),
+                                          index.slice("model.language_model.embed_tokens.weight")):
+            raise ValueError(f"{ckpt_dir!r}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "embed_tokens.weight; fix tie_word_embeddings in config.json")
     finally:
         index.close()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _same_tensor(a, b, rows: int = 4096) -> bool:
+    """Whether two stored tensors are equal, compared a block of rows at a time (never a whole embedding in memory
+    twice)."""
+    shape = tuple(a.get_shape())
+    if shape != tuple(b.get_shape()):
+        return False
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, shape[0], rows))
 
 
 def _once_per_index(read):
