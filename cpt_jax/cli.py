@@ -7,6 +7,7 @@ import sys
 # subcommand -> module exposing `register(subparsers)`, which adds the parser and sets `func`.
 # Modules are imported lazily so `cpt-jax --help` stays fast and `aot` can set JAX flags first.
 _COMMANDS = {
+    "aot": "cpt_jax.aot",
     "data": "cpt_jax.data.cli",
     "demo": "cpt_jax.demo",
     "report": "cpt_jax.eval.report_cli",

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from cpt_jax import sharding
+from cpt_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from cpt_jax.models.qwen2_5_vl.model import KVCache, Qwen2_5_VL
 from cpt_jax.models.qwen2_5_vl.rope_index import get_rope_index
 from cpt_jax.models.qwen2_5_vl.vision import VisionInputs, num_patches
@@ -103,17 +105,15 @@ def _choose(logits_RV, key, cfg: _DecodeConfig):
     return tokens_R, logprobs_R
 
 
-@functools.partial(jax.jit, static_argnames=("cache_size", "num_samples"))
-def _prefill(graphdef, state, input_ids_BL, attention_mask_BL, position_ids_3BL, vision, *, cache_size: int,
-             num_samples: int):
+def _prefill(graphdef, state, prompts, *, cache_size: int, num_samples: int):
+    """`prompts`: input_ids and attention_mask (B, L), position_ids (3, B, L), vision (or None)."""
     _traces["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    logits_BV, cache = model.prefill(input_ids_BL, attention_mask_BL, position_ids_3BL, vision,
-                                     cache_size=cache_size)
+    logits_BV, cache = model.prefill(prompts["input_ids"], prompts["attention_mask"], prompts["position_ids"],
+                                     prompts["vision"], cache_size=cache_size)
     return jnp.repeat(logits_BV, num_samples, axis=0), cache.repeat(num_samples)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode(graphdef, state, logits_RV, cache: KVCache, rng, *, cfg: _DecodeConfig):
     _traces["decode"] += 1
     model = nnx.merge(graphdef, state)
@@ -149,11 +149,21 @@ def _decode(graphdef, state, logits_RV, cache: KVCache, rng, *, cfg: _DecodeConf
     return SampleOutput(tokens=tokens_RT, logprobs=logprobs_RT, lengths=lengths_R), cache
 
 
+@functools.cache
+def programs(layout: sharding.Layout | None):
+    """The jitted prefill `(graphdef, params, prompts, *, cache_size, num_samples) -> (logits, cache)` and decode
+    `(graphdef, params, logits, cache, rng, *, cfg) -> (samples, cache)` (`decode_config`), with the signatures
+    `sharding.PROGRAMS` declares; one pair per layout."""
+    return (sharding.jit(_prefill, "rollout_prefill", layout, static_argnames=("cache_size", "num_samples")),
+            sharding.jit(_decode, "rollout_decode", layout, static_argnames=("cfg",)))
+
+
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids=(), rng: jax.Array | None = None, position_ids=None,
              vision: VisionInputs | None = None, pad_token_id: int = 0,
-             length_buckets=DEFAULT_LENGTH_BUCKETS, patch_buckets=DEFAULT_PATCH_BUCKETS) -> SampleOutput:
+             length_buckets=DEFAULT_LENGTH_BUCKETS, patch_buckets=DEFAULT_PATCH_BUCKETS,
+             layout: sharding.Layout | None = None) -> SampleOutput:
     """Samples `num_samples` continuations of `max_new_tokens` tokens for each left-padded prompt.
 
     Inputs are concrete host arrays as the processor gives them (`input_ids`/`attention_mask` (B, L), the HF
@@ -165,8 +175,14 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     `top_k` (0 = off) and then `top_p` (1 = off); `logprobs` are always of the unrestricted log_softmax(logits /
     temperature) (log_softmax(logits) when greedy), as the policy scores them in training. A row stops after any of
     `eos_token_ids`; later positions hold `pad_token_id`.
+
+    With `layout`, prefill and decode run in its sampler layout (`model` should already be there: see
+    `sharding.reshard`) with the prompts split over its data-parallel axes. On several processes each passes its
+    own prompts, padded to the same buckets, and gets global outputs (`sharding.local_batch` gives its rows back).
     """
-    cfg = _decode_config(model, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids, pad_token_id)
+    cfg = decode_config(model.config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, num_samples=num_samples, eos_token_ids=eos_token_ids,
+                        pad_token_id=pad_token_id)
     if rng is None:
         if temperature > 0:
             raise ValueError(f"temperature={temperature} samples at random; pass rng=jax.random.key(seed) "
@@ -197,17 +213,23 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     elif position_ids is None:
         position_ids, _ = get_rope_index(ids, image_grid_thw, mask, model.config)
 
+    prompts = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int32),
+               "vision": vision}
+    if layout is not None:
+        prompts = sharding.global_batch(prompts, layout, sampler=True)
+    prefill, decode = programs(layout)
     graphdef, state = nnx.split(model)
-    logits_RV, cache = _prefill(graphdef, state, ids, mask, np.asarray(position_ids, np.int32), vision,
-                                cache_size=length + max_new_tokens - 1, num_samples=num_samples)
-    out, _ = _decode(graphdef, state, logits_RV, cache, rng, cfg=cfg)
+    logits_RV, cache = prefill(graphdef, state, prompts, cache_size=length + max_new_tokens - 1,
+                               num_samples=num_samples)
+    out, _ = decode(graphdef, state, logits_RV, cache, rng, cfg=cfg)
     return out
 
 
-def _decode_config(model, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids,
-                   pad_token_id) -> _DecodeConfig:
-    """The static decode settings, after checking every sampling argument (`num_samples` included)."""
-    vocab = model.config.text.vocab_size
+def decode_config(config: Qwen2_5_VLConfig, *, max_new_tokens, temperature, top_p, top_k, num_samples,
+                  eos_token_ids, pad_token_id) -> _DecodeConfig:
+    """The static settings of the decode program for a model of `config`, after checking every sampling argument
+    (`num_samples` included)."""
+    vocab = config.text.vocab_size
     checks = [
         (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
         (temperature >= 0, f"temperature={temperature} must be >= 0 (0 is greedy decoding)"),

@@ -20,6 +20,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""  # a transformers checkpoint directory (config.json + safetensors)
+    c.model.name = ""  # its published name (models/qwen2_5_vl/published.py): shapes for `cpt-jax aot` without it
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.attention = "xla"
@@ -111,12 +112,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
 
+    # Mesh sizes within a slice (-1 takes the remaining devices); dcn_data > 1 replicates over that many slices.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    c.mesh.dcn_data = 1
+    c.mesh.num_devices = 0  # 0: every device; n > 0: the first n (one process)
+    c.distributed = False  # jax.distributed.initialize() at start (multi-host; automatic on Cloud TPU VMs)
 
     c.log_every = 10
-    c.aot_topology = ""
+    c.aot_topology = ""  # the smallest TPU slice this config fits on, e.g. "v5p:2x2x1" (`cpt-jax aot`)
     c.lock()
     return c

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from cpt_jax import sharding
 from cpt_jax.data.pipeline import Buckets, Loader
 from cpt_jax.data.processor import ImageProcessor
 from cpt_jax.data.tasks import Subset, load_split
@@ -43,7 +44,7 @@ from cpt_jax.train.logging import MetricLogger
 from cpt_jax.train.optimizer import OptimizerConfig, make_optimizer
 from cpt_jax.train.rft import RFTConfig, RFTLearner, rollout_metrics, sampler_gap
 from cpt_jax.train.sft import make_sft_step, sft_loss, stack_micro_batches
-from cpt_jax.train.state import TrainState, check_finite, create_train_state
+from cpt_jax.train.state import TrainState, cast_floating, check_finite, create_train_state
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ContinualRun:
     """One method's continual run in `workdir` (results in `workdir/results/summary.json`)."""
 
     def __init__(self, config, workdir: str | os.PathLike):
+        sharding.maybe_initialize_distributed(config.distributed)
         if config.method not in METHOD_TABLE:
             raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(METHOD_TABLE)}")
         if not config.model.hf_dir:
@@ -116,8 +118,14 @@ class ContinualRun:
         special = special_token_ids(self.tokenizer)
         self.eos_ids = (special["im_end"], special["endoftext"])
         self.pad_id = special["pad"]
-        model = load_hf_checkpoint(config.model.hf_dir, dtype=DTYPES[config.model.param_dtype],
-                                   compute_dtype=DTYPES[config.model.dtype], attention=config.model.attention,
+        if jax.process_count() > 1 and (self.method.rif or (config.diagnostics.enabled and
+                                                            config.diagnostics.gradient_every)):
+            raise ValueError("RIF filtering and the gradient diagnostics run on a single process; on several "
+                             "processes use another method or set --config.diagnostics.gradient_every=0")
+        self.layout = sharding.Layout(sharding.mesh_from_config(config.mesh))
+        self.compute_dtype = DTYPES[config.model.dtype]
+        model = load_hf_checkpoint(config.model.hf_dir, dtype=DTYPES[config.model.param_dtype], mesh=self.layout.mesh,
+                                   compute_dtype=self.compute_dtype, attention=config.model.attention,
                                    remat=config.model.remat)
         self.model_config = model.config
         self.graphdef, self.base_params = nnx.split(model, nnx.Param)
@@ -132,7 +140,8 @@ class ContinualRun:
                                                   enabled=config.diagnostics.enabled and jax.process_index() == 0)
         self._sources: dict[tuple[str, str], Any] = {}
         # Built once so every stage reuses the compiled programs.
-        self.learner = RFTLearner(self.graphdef, self.rft_config, max_response_length=self.rft_config.max_new_tokens)
+        self.learner = RFTLearner(self.graphdef, self.rft_config, max_response_length=self.rft_config.max_new_tokens,
+                                  layout=self.layout)
         graphdef = self.graphdef
 
         def sft_mean(params, batch):
@@ -176,18 +185,26 @@ class ContinualRun:
 
     # --- evaluation ------------------------------------------------------------------------------------------
 
+    def sampler_model(self, params):
+        """The model rollouts and evaluation run: `params` cast to the compute dtype and moved to the sampler
+        layout (by default whole along 'fsdp', so decoding gathers no weights)."""
+        params = cast_floating(params, self.compute_dtype)
+        return nnx.merge(self.graphdef, sharding.reshard(params, self.layout.shardings("params", params,
+                                                                                       sampler=True)))
+
     def evaluate_tasks(self, params, tasks: list[str], seed: int) -> dict[str, float]:
-        model = nnx.merge(self.graphdef, params)
+        model = self.sampler_model(params)
         cfg = self.config.eval
         out = {}
         for i, task in enumerate(tasks):
             loader = self.loader({task: self.source(task, self.config.data.eval_split)}, mode="prompt",
                                  batch_size=cfg.batch_size, seed=0, num_epochs=1, shuffle=False)
-            result = evaluate(model, iter(loader), self.tokenizer, self.eval_reward_fn,
+            result = evaluate(model, map(loader.align, iter(loader)), self.tokenizer, self.eval_reward_fn,
                               rng=jax.random.key(seed * 1009 + i), max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
                               desc=f"eval {task}", total=loader.num_batches,
-                              length_buckets=self.buckets.lengths, patch_buckets=self.buckets.patches or (4,))
+                              length_buckets=self.buckets.lengths, patch_buckets=self.buckets.patches or (4,),
+                              layout=self.layout)
             out[task] = result.accuracy
         return out
 
@@ -218,7 +235,8 @@ class ContinualRun:
     def _resume(self):
         """(params, reference params, state to continue a stage with or None, loop) from the latest checkpoint."""
         like_params = jax.tree.map(jnp.copy, self.base_params)
-        _, like = create_train_state(nnx.merge(self.graphdef, like_params), self._optimizer(1), 0)
+        _, like = create_train_state(nnx.merge(self.graphdef, like_params), self._optimizer(1), 0,
+                                     layout=self.layout)
         extra_like = {"ref": self.base_params} if self._saves_reference else None
         state, loop, extra = self.checkpointer.restore(like, extra_like=extra_like)
         log.info("resuming from checkpoint %d: stage %d, step %d", self.checkpointer.latest_step(), loop["stage"],
@@ -236,17 +254,18 @@ class ContinualRun:
         optimizer = self._optimizer(total)
         # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
         _, state = create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer,
-                                      jax.random.fold_in(jax.random.key(cfg.seed), stage))
+                                      jax.random.fold_in(jax.random.key(cfg.seed), stage), layout=self.layout)
         iterator = iter(loader)
         start = 0
         if resume_state is not None:
             state = resume_state
             iterator.set_state(loop["iterator"])
             start = loop["step_in_stage"]
-        step_fn = make_sft_step(self.graphdef, optimizer)
+        step_fn = make_sft_step(self.graphdef, optimizer, layout=self.layout)
         pending = []
         for step in tqdm(range(start, total), desc=f"sft {task}", initial=start, total=total, unit="step"):
-            batches = [next(iterator) for _ in range(k)]
+            # Aligned, every process's micro-batches have the same shapes, so the maxima below agree too.
+            batches = [loader.align(next(iterator)) for _ in range(k)]
             length = max(b.device.input_ids.shape[1] for b in batches)
             patches = max((b.device.vision.pixel_values.shape[0] if b.device.vision is not None else 0)
                           for b in batches)
@@ -254,7 +273,7 @@ class ContinualRun:
                 batches = [loader.pad(b, length, patches) for b in batches]
             batch = stack_micro_batches([_as_dict(b.device) for b in batches]) if k > 1 else \
                 _as_dict(batches[0].device)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, sharding.global_batch(batch, self.layout))
             pending.append((loop["global_step"], metrics))
             loop["global_step"] += 1
             if len(pending) >= cfg.log_every or step + 1 == total:
@@ -285,7 +304,7 @@ class ContinualRun:
                 log.warning("RIF kept no item of task %r: the model never answered it correctly in %d rollouts, so "
                             "RFT has no signal on it; the stage trains nothing", task, cfg.rif.num_samples)
                 return create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)),
-                                          self._optimizer(1), 0)[1]
+                                          self._optimizer(1), 0, layout=self.layout)[1]
         loader = self.loader(self.train_sources(task, rif_ids), mode="prompt", batch_size=cfg.rft.prompt_batch_size,
                              seed=cfg.seed + 7919 * stage, num_epochs=epochs)
         iterations = self._cap(math.ceil(loader.num_batches / cfg.rft.rollout_batches))
@@ -293,7 +312,7 @@ class ContinualRun:
         optimizer = self._optimizer(iterations * updates_per_iteration)
         # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
         _, state = create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer,
-                                      jax.random.fold_in(jax.random.key(cfg.seed), stage))
+                                      jax.random.fold_in(jax.random.key(cfg.seed), stage), layout=self.layout)
         learner = self.learner
         iterator = iter(loader)
         start = 0
@@ -313,14 +332,15 @@ class ContinualRun:
             rng, sample_rng = jax.random.split(state.rng)
             state = state.replace(rng=rng)
             micro, scores_all, accuracies, overall, lengths, gaps = [], [], [], [], [], []
-            model = nnx.merge(self.graphdef, state.params)
+            model = self.sampler_model(state.params)
             for j, batch in enumerate(batches):
+                batch = loader.align(batch)
                 out = generate_for_batch(model, batch, rng=jax.random.fold_in(sample_rng, j),
                                          max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
                                          top_p=rc.top_p, top_k=rc.top_k, num_samples=rc.num_samples,
                                          eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
                                          length_buckets=self.buckets.lengths,
-                                         patch_buckets=self.buckets.patches or (4,))
+                                         patch_buckets=self.buckets.patches or (4,), layout=self.layout)
                 texts = decode_completions(self.tokenizer, out.tokens, out.lengths)
                 valid = np.repeat(np.asarray(batch.device.valid), rc.num_samples)
                 answers = np.repeat(np.asarray(batch.host.answers, dtype=object), rc.num_samples)
@@ -333,8 +353,10 @@ class ContinualRun:
                 mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards)
                 if j == 0:
                     first_rewards = rewards
-                mb["row_weight"] = jnp.asarray(valid, jnp.float32)
-                gaps.append(sampler_gap(mb["old_logprobs"], out.logprobs, mb["response_mask"]))
+                mb["row_weight"] = sharding.global_batch({"row_weight": valid.astype(np.float32)},
+                                                         self.layout)["row_weight"]
+                old = sharding.local_batch(mb["old_logprobs"])
+                gaps.append(sampler_gap(old, out.logprobs, np.arange(old.shape[1]) < out.lengths[:, None]))
                 micro.append(mb)
                 keep = np.flatnonzero(valid)
                 scores_all += [scores[i] for i in keep]
@@ -416,7 +438,7 @@ class ContinualRun:
         cfg = self.config
         loader = self.loader(self.train_sources(task), mode="prompt", batch_size=cfg.rft.prompt_batch_size, seed=0,
                              num_epochs=1, shuffle=False)
-        model = nnx.merge(self.graphdef, params)
+        model = self.sampler_model(params)
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 31), stage)
         n = cfg.rif.num_samples
 
@@ -430,7 +452,7 @@ class ContinualRun:
                                      max_new_tokens=self.rft_config.max_new_tokens, temperature=cfg.rif.temperature,
                                      top_p=self.rft_config.top_p, num_samples=n, eos_token_ids=self.eos_ids,
                                      pad_token_id=self.pad_id, length_buckets=self.buckets.lengths,
-                                     patch_buckets=self.buckets.patches or (4,))
+                                     patch_buckets=self.buckets.patches or (4,), layout=self.layout)
             texts = decode_completions(self.tokenizer, out.tokens, out.lengths)
             return [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
 
@@ -490,10 +512,11 @@ class ContinualRun:
             diagnostics["rif_kept_fraction"] = loop["rif_kept_fraction"]
         summary = summarize(cfg.method, self.tasks, loop["accuracy_matrix"], loop["general_before"],
                             loop["general_after"], diagnostics)
-        results = os.path.join(self.workdir, "results")
-        os.makedirs(results, exist_ok=True)
-        with open(os.path.join(results, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if sharding.is_main_process():
+            results = os.path.join(self.workdir, "results")
+            os.makedirs(results, exist_ok=True)
+            with open(os.path.join(results, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
         self.final_params = params
         self.logger.close()
         return summary

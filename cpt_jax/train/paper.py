@@ -24,6 +24,7 @@ def paper_config(method: str, size: str = "7b"):
     c = default_config()
     c.method = method
     c.model.hf_dir = ""  # a local download of MODELS[size]
+    c.model.name = MODELS[size]
     c.data.tasks = TASKS
     c.data.general = GENERAL
     c.schedule.epochs = EPOCHS
@@ -38,7 +39,17 @@ def paper_config(method: str, size: str = "7b"):
         c.data.length_buckets = (1024, 2048, 4096, 7168)
         c.sft.batch_size = 16
         c.sft.micro_batches = 2
+    else:
+        # EasyR1: rollout batch 512 prompts, update batch 128 prompts x 8 responses, prompts up to 4096 tokens and
+        # responses up to 1024. Micro-batches of 2 prompts (16 sequences of up to 5120 tokens, 4 per chip on a
+        # v5p-8) with full rematerialisation are what fits in 95 GiB next to the weights, Adam state and reference
+        # (`cpt-jax aot`); accumulation keeps the paper's batch sizes.
+        c.rft.prompt_batch_size = 2
+        c.rft.rollout_batches = 256
+        c.rft.micro_batches_per_update = 64
     if method.startswith("multitask"):
         c.schedule.epochs = (1,) * len(TASKS)  # one pass over the mixture of all seven training sets
+    c.model.remat = "full"
     c.eval.max_new_tokens = 1024
+    c.aot_topology = "v5p:2x2x1"  # a v5p-8 slice: 4 chips on one host
     return c

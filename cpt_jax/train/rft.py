@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax import sharding
 from cpt_jax.models.qwen2_5_vl.model import causal_mask
 from cpt_jax.rl.advantages import get_advantage_fn
 from cpt_jax.rl.losses import SumCount, entropy_from_logits, kl_loss_sums, policy_loss_sums
@@ -120,12 +121,15 @@ class RFTLearner:
     """Jitted pieces of the RFT update around a fixed graphdef and config.
 
     The loss, gradient and log-prob programs are built once and compile once per distinct micro-batch shape (the
-    data pipeline's length and patch buckets bound their number), however many tasks and optimizers follow.
+    data pipeline's length and patch buckets bound their number), however many tasks and optimizers follow. With
+    `layout`, every program takes the shardings `sharding.PROGRAMS` declares for it.
     """
 
-    def __init__(self, graphdef, config: RFTConfig, *, max_response_length=None):
+    def __init__(self, graphdef, config: RFTConfig, *, max_response_length=None,
+                 layout: sharding.Layout | None = None):
         self.graphdef = graphdef
         self.config = config
+        self.layout = layout
         self.max_response_length = max_response_length or config.max_new_tokens
         self.advantage_fn = get_advantage_fn(config.advantage)
         temperature = config.temperature
@@ -138,11 +142,17 @@ class RFTLearner:
         def weighted_total(params, batch, row_weight):
             return loss(params, dict(batch, row_weight=row_weight * batch["row_weight"]))[0]
 
-        self.logprobs = jax.jit(lambda params, batch: response_logprobs(graphdef, params, batch, temperature)[0])
-        self.grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        def logprobs(params, batch):
+            return response_logprobs(graphdef, params, batch, temperature)[0]
+
+        def accumulate(total, micro_batch):
+            return jax.tree.map(jnp.add, total, micro_batch)
+
+        self.logprobs = sharding.jit(logprobs, "rft_logprobs", layout)
+        self.grad = sharding.jit(jax.value_and_grad(loss, has_aux=True), "rft_grad", layout)
         # Gradient of the loss summed over a subset of rows (diagnostics: one group's contribution).
-        self.row_grad = jax.jit(jax.grad(weighted_total))
-        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+        self.row_grad = sharding.jit(jax.grad(weighted_total), "rft_row_grad", layout)
+        self._add = sharding.jit(accumulate, "rft_accumulate", layout)
         self._apply_fns = {}
 
     def _apply_fn(self, optimizer: Optimizer):
@@ -156,7 +166,7 @@ class RFTLearner:
                 return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                                    "lr": optimizer.learning_rate(state.step)}
 
-            self._apply_fns = {id(optimizer): (optimizer, jax.jit(apply, donate_argnums=(0,)))}
+            self._apply_fns = {id(optimizer): (optimizer, sharding.jit(apply, "rft_apply", self.layout))}
         return self._apply_fns[id(optimizer)][1]
 
     def advantages(self, rewards_N) -> jax.Array:
@@ -164,12 +174,17 @@ class RFTLearner:
                                  **dict(self.config.advantage_options))
 
     def prepare(self, params, ref_params, prompts: dict, tokens, lengths, rewards) -> dict:
-        """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs."""
-        t = tokens.shape[1]
-        response_mask = (jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
-        batch = dict(prompts, response=jnp.asarray(tokens), response_mask=response_mask,
-                     advantages=self.advantages(rewards),
-                     row_weight=jnp.ones(tokens.shape[0], jnp.float32))
+        """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs.
+
+        `prompts`, `tokens`, `lengths` and `rewards` are host arrays; with a layout, this process's rows (whole
+        groups), assembled here into the global batch.
+        """
+        tokens = np.asarray(tokens)
+        response_mask = (np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+        batch = dict(prompts, response=tokens, response_mask=response_mask,
+                     advantages=np.asarray(self.advantages(rewards)),
+                     row_weight=np.ones(tokens.shape[0], np.float32))
+        batch = jax.device_put(batch) if self.layout is None else sharding.global_batch(batch, self.layout)
         batch["old_logprobs"] = self.logprobs(params, batch)
         if self.config.use_kl:
             batch["ref_logprobs"] = self.logprobs(ref_params, batch)

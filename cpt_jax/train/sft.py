@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cpt_jax import sharding
 from cpt_jax.train.optimizer import Optimizer
 from cpt_jax.train.state import TrainState, accumulate_gradients, apply_gradients, cast_floating
 
@@ -83,8 +84,11 @@ def stack_micro_batches(batches: Sequence):
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: Optimizer, *, compute_dtype=None,
-                  logits_chunk: int | None = None, donate: bool = True):
-    """The jitted SFT step `sft_step(state, batch) -> (state, metrics)`; the state is donated when `donate`.
+                  logits_chunk: int | None = None, layout: sharding.Layout | None = None):
+    """The jitted SFT step `sft_step(state, batch) -> (state, metrics)`; the state is donated.
+
+    With `layout`, the state and batch take its shardings (`sharding.PROGRAMS["sft_step"]`); pass global arrays
+    (`sharding.global_batch`) when running on several processes.
 
     `compute_dtype` (e.g. bf16) casts the parameters for the forward pass while the state keeps its storage dtype.
     `batch` is one batch or k micro-batches stacked on a leading axis. Metrics (device scalars): loss (token mean),
@@ -113,4 +117,4 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: Optimizer, *, compute_dtype
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
         return apply_gradients(state, grads, optimizer), metrics
 
-    return jax.jit(sft_step, donate_argnums=(0,) if donate else ())
+    return sharding.jit(sft_step, "sft_step", layout)

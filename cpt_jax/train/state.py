@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from cpt_jax import sharding
 from cpt_jax.train.optimizer import Optimizer
 
 LossFn = Callable[[nnx.State, Any], tuple[jax.Array, jax.Array]]
@@ -43,21 +44,32 @@ def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def create_train_state(model: nnx.Module, optimizer: Optimizer, rng, *,
-                       param_dtype=None) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(model: nnx.Module, optimizer: Optimizer, rng, *, param_dtype=None,
+                       layout: sharding.Layout | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its graphdef and a fresh `TrainState` at step 0.
 
     `rng` is a PRNG key or an integer seed; `param_dtype` recasts the stored parameters (e.g. fp32 master weights
     for a model loaded in bf16). The state shares the model's arrays, so a step that donates the state invalidates
     the model; rebuild it with `nnx.merge(graphdef, state.params)`. Raises if the model holds state other than
     `nnx.Param`.
+
+    With `layout`, one jitted program builds the state straight onto the layout's shardings (optimizer moments
+    sharded like their parameters, counters and key replicated); the model's parameters, already on the mesh
+    (`sharding.init_model`, `load_hf_checkpoint(mesh=...)`), are donated into it.
     """
     graphdef, params = nnx.split(model, nnx.Param)
-    if param_dtype is not None:
-        params = cast_floating(params, param_dtype)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params),
-                                rng=key)
+
+    def build(params, key):
+        if param_dtype is not None:
+            params = cast_floating(params, param_dtype)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params), rng=key)
+
+    if layout is None:
+        return graphdef, build(params, key)
+    shardings = layout.shardings("params", jax.eval_shape(build, params, key))
+    return graphdef, jax.jit(build, out_shardings=shardings, donate_argnums=(0,),
+                             compiler_options=layout.compiler_options)(params, key)
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, optimizer: Optimizer) -> TrainState:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def tiny_config(method, assets):
     c.diagnostics.gradient_every = 2
     c.diagnostics.num_groups = 1
     c.diagnostics.fisher_examples = 1
+    c.mesh.num_devices = 1  # the sharded runs have their own test
     return c
 
 
@@ -109,6 +111,35 @@ def test_every_method_runs_a_two_task_sequence(method, assets, tmp_path):
     assert (tmp_path / "tb" / "train").is_dir()
 
 
+@pytest.mark.parametrize("method", ["sft", "rft"])
+def test_a_run_on_a_mesh_matches_one_device(method, assets, tmp_path):
+    runs = {}
+    for name, mesh in (("one", {"num_devices": 1}), ("mesh", {"num_devices": 8, "data": 2, "fsdp": 2, "tensor": 2})):
+        config = tiny_config(method, assets)
+        config.data.general = ()
+        config.diagnostics.gradient_every = 0
+        # Adam turns a gradient of ~1e-9 (a rarely seen embedding row) into a full lr-sized step whose sign follows
+        # summation order; a large eps keeps the update proportional to the gradient so 1e-5 compares the sharding
+        # (and a large lr makes the steps count).
+        config.optim.eps = 1.0
+        config.optim.learning_rate = 0.1
+        config.rft.reward = "test_length_parity"  # mixed groups, so RFT has advantages to follow
+        config.mesh.update(mesh)
+        run = ContinualRun(config, tmp_path / name)
+        runs[name] = (run.run(), run.final_params)
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree.leaves(run.final_params), jax.tree.leaves(run.base_params)))
+        assert moved > 1e-3
+    (one, one_params), (sharded, sharded_params) = runs["one"], runs["mesh"]
+    assert sharded["accuracy_matrix"] == one["accuracy_matrix"]
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded_params)]
+    assert any("fsdp" in jax.tree.leaves(tuple(spec)) for spec in specs)
+    assert any("tensor" in jax.tree.leaves(tuple(spec)) for spec in specs)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one_params)[0], jax.tree.leaves(sharded_params)):
+        assert len(b.sharding.device_set) == 8
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5, err_msg=path_str(path))
+
+
 CONFIG_FILE = """
 from cpt_jax import demo
 
@@ -133,6 +164,8 @@ def get_config():
     c.diagnostics.gradient_every = 0
     c.checkpoint.every_steps = 1
     c.checkpoint.keep = 2
+    c.mesh.num_devices = 4  # sharded state: the checkpoint restores onto the mesh
+    c.mesh.tensor = 2
     return c
 """
 
@@ -174,3 +207,65 @@ def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
     assert killed_summary == straight_summary
     for path, value in straight_params.items():
         np.testing.assert_array_equal(killed_params[path], value, err_msg=path)
+
+
+MULTIHOST_CONFIG = """
+from cpt_jax import demo
+
+def get_config():
+    c = demo.demo_config({method!r}, quick=True)
+    c.model.hf_dir = {base!r}
+    c.data.data_dir = {data!r}
+    c.data.tasks = {tasks!r}
+    c.data.general = ()
+    c.data.min_pixels = c.data.max_pixels = 56 * 56
+    c.data.patch_buckets = (32, 64, 128)
+    c.data.max_train_examples = 8
+    c.data.max_eval_examples = 4
+    c.sft.batch_size = 4
+    c.rft.prompt_batch_size = 4  # 2 per process: one per data-parallel device
+    c.rft.rollout_batches = 1
+    c.rft.num_samples = 2
+    c.rft.max_new_tokens = 4
+    c.rft.micro_batches_per_update = 1
+    c.rft.reward = "test_length_parity"
+    c.eval.max_new_tokens = 4
+    c.eval.batch_size = 4
+    c.schedule.max_steps_per_task = 2
+    c.diagnostics.gradient_every = 0
+    c.checkpoint.every_steps = 1
+    c.optim.learning_rate = 0.1
+    return c
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "rft"])
+def test_two_processes_run_the_loop_on_one_global_mesh(method, assets, tmp_path):
+    """2 CPU processes x 2 devices (gloo): each reads its own shard of every batch, the steps run on the global
+    4-device mesh, both end with the same global parameters and accuracies, and only process 0 writes results."""
+    from tests.test_sharding import _free_port
+
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text(MULTIHOST_CONFIG.format(method=method, base=assets["base"], data=assets["data"],
+                                                   tasks=TASKS))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    coordinator = f"localhost:{_free_port()}"
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.train.continual_worker", "--config", str(config_path),
+                                 "--workdir", str(tmp_path / "run"), "--coordinator", coordinator,
+                                 "--process-id", str(i), "--num-processes", "2"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    results = [json.loads(line[len("WORKER_RESULT "):]) for out, _ in outputs for line in out.splitlines()
+               if line.startswith("WORKER_RESULT ")]
+    assert [r["process"] for r in results] == [0, 1] and all(r["devices"] == 4 for r in results)
+    assert results[0]["accuracy_matrix"] == results[1]["accuracy_matrix"]
+    assert results[0]["abs_sum"] == results[1]["abs_sum"]
+    assert results[0]["moved"] > 1e-3
+    summary = json.loads((tmp_path / "run" / "results" / "summary.json").read_text())
+    assert summary["accuracy_matrix"] == results[0]["accuracy_matrix"]
+    assert (tmp_path / "run" / "checkpoints").is_dir()

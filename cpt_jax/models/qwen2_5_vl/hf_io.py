@@ -1,7 +1,8 @@
 """Hugging Face checkpoint I/O: `config.json` + safetensors (single file or sharded with an index). Never unpickles.
 
 One table maps every parameter of `Qwen2_5_VL` to its transformers tensor name and layout; loading and saving are
-the two directions of the same table.
+the two directions of the same table. Loading onto a mesh reads, for each device, only the slice of each tensor that
+device holds (safetensors slices), so a host materialises its own devices' shards, never the whole model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import math
 import os
 import re
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from safetensors.numpy import save_file
 
 from cpt_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from cpt_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+from cpt_jax.models.qwen2_5_vl.sharding import PARAM_RULES, Rules, logical_to_mesh_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -82,12 +84,42 @@ def _names(config, entry: _Entry) -> list[str]:
     return [entry.name.format(i=i) for i in range(_num_layers(config, entry))]
 
 
-def _to_ours(w: np.ndarray, entry: _Entry, shape: tuple[int, ...]) -> np.ndarray:
+def _groups(entry: _Entry, hf_ndim: int, ndim: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """How a stored tensor's axes hold ours: (stored axes, our axes) pairs in stored order; each pair's stored axes
+    are the row-major flattening of its our axes (in that order)."""
     if entry.kind == "linear":
-        w = w.T
-    elif entry.kind == "patch":
-        w = w.reshape(w.shape[0], -1).T
-    return w.reshape(shape)
+        return [((0,), tuple(range(entry.n_in, ndim))), ((1,), tuple(range(entry.n_in)))]
+    if entry.kind == "patch":
+        return [((0,), (1,)), (tuple(range(1, hf_ndim)), (0,))]
+    if hf_ndim == ndim:
+        return [((i,), (i,)) for i in range(ndim)]
+    return [(tuple(range(hf_ndim)), tuple(range(ndim)))]
+
+
+def _read_block(tensor, entry: _Entry, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """ours[index] of one (per-layer) parameter of `shape`, reading only the stored rows/columns it needs.
+
+    A group read exactly is split at most along its first axis (then its stored range is contiguous); other groups
+    are read whole and sliced here (only the vision qkv heads, a few MB per layer).
+    """
+    index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+    groups = _groups(entry, len(tensor.get_shape()), len(shape))
+    stored, sizes, after = [], [], [slice(None)] * len(shape)
+    for stored_axes, axes in groups:
+        first = index[axes[0]]
+        rest_full = all(index[a] == slice(0, shape[a]) for a in axes[1:])
+        if len(stored_axes) == 1 and rest_full:
+            inner = math.prod(shape[a] for a in axes[1:])
+            stored.append(slice(first.start * inner, first.stop * inner))
+            sizes += [first.stop - first.start] + [shape[a] for a in axes[1:]]
+        else:
+            stored += [slice(None)] * len(stored_axes)
+            sizes += [shape[a] for a in axes]
+            for a in axes:
+                after[a] = index[a]
+    order = [a for _, axes in groups for a in axes]
+    block = np.asarray(tensor[tuple(stored)]).reshape(sizes).transpose(np.argsort(order))
+    return block[tuple(after)]
 
 
 def _to_hf(w: np.ndarray, entry: _Entry, config: Qwen2_5_VLConfig) -> np.ndarray:
@@ -145,11 +177,15 @@ class _TensorIndex:
             self.files[name] = (path, stored)
         self._open: dict[str, object] = {}
 
-    def read(self, name: str) -> np.ndarray:
+    def slice(self, name: str):
+        """A lazily read view of one tensor (`get_shape()`, numpy-style slicing)."""
         path, stored = self.files[name]
         if path not in self._open:
             self._open[path] = safe_open(path, "numpy")
-        return self._open[path].get_tensor(stored)
+        return self._open[path].get_slice(stored)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.slice(name)[...]
 
     def close(self):
         self._open.clear()
@@ -157,11 +193,13 @@ class _TensorIndex:
 
 def load_hf_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
                        compute_dtype=None, attention: str = "xla", remat: str = "none",
-                       rules=None) -> Qwen2_5_VL:
+                       rules: Mapping[str, Rules] = PARAM_RULES) -> Qwen2_5_VL:
     """Builds `Qwen2_5_VL` from a transformers checkpoint directory.
 
     `dtype` is the parameter dtype (compute dtype defaults to it). Missing, unexpected or mis-shaped tensors are
-    errors naming them. With `mesh`, each parameter is placed on its sharding from the model's logical axis rules.
+    errors naming them. With `mesh`, each parameter is created on its sharding from the per-tower logical axis
+    `rules` (e.g. `sharding.SAMPLER_RULES`), each device's shard read straight from the files; on several
+    processes every process makes the same call.
     """
     ckpt_dir = os.fspath(ckpt_dir)
     config = Qwen2_5_VLConfig.from_hf(ckpt_dir)
@@ -179,40 +217,63 @@ def load_hf_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax
         raise ValueError(f"checkpoint {ckpt_dir!r} does not match its config: missing {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
                          f"{' ...' if len(unexpected) > 10 else ''}")
-    shardings = _shardings(state, mesh, rules) if mesh is not None else None
     try:
         for entry in table:
             var = flat[entry.path]
             shape = var.get_value().shape
             per_layer = shape[1:] if entry.stacked else shape
-            host = np.empty(shape, np.dtype(dtype))
-            for i, name in enumerate(_names(config, entry)):
-                w = index.read(name)
-                hf_shape = _to_hf(np.empty(per_layer, np.uint8), entry, config).shape
-                if w.shape != hf_shape:
-                    raise ValueError(f"tensor {name!r} has shape {w.shape}, expected {hf_shape} for this config")
-                w = _to_ours(w, entry, per_layer)
-                if entry.stacked:
-                    host[i] = w
-                else:
-                    host[...] = w
-            value = jnp.asarray(host) if shardings is None else jax.device_put(host, shardings[entry.path])
+            tensors = [index.slice(name) for name in _names(config, entry)]
+            hf_shape = _to_hf(np.empty(per_layer, np.uint8), entry, config).shape
+            for name, tensor in zip(_names(config, entry), tensors):
+                if tuple(tensor.get_shape()) != hf_shape:
+                    raise ValueError(f"tensor {name!r} has shape {tuple(tensor.get_shape())}, expected {hf_shape} "
+                                     "for this config")
+
+            def read(where, entry=entry, per_layer=per_layer, tensors=tensors):
+                if not entry.stacked:
+                    return _read_block(tensors[0], entry, per_layer, where).astype(np.dtype(dtype))
+                layers = range(*where[0].indices(len(tensors)))
+                block = tuple(len(range(*s.indices(n))) for s, n in zip(where[1:], per_layer))
+                out = np.empty((len(layers),) + block, np.dtype(dtype))
+                for j, i in enumerate(layers):
+                    out[j] = _read_block(tensors[i], entry, per_layer, where[1:])
+                return out
+
+            if mesh is None:
+                value = jnp.asarray(read((slice(None),) * len(shape)))
+            else:
+                sharding = logical_to_mesh_sharding(var, mesh, rules, entry.path)
+                value = jax.make_array_from_callback(shape, sharding, _once_per_index(read))
             var.set_value(value)
-        if tied_head:
-            head = index.read("lm_head.weight")
-            embed = np.asarray(flat[("language_model", "embed_tokens")].get_value(), np.float32)
-            if head.shape != embed.shape or not np.array_equal(head.astype(np.float32), embed):
-                raise ValueError(f"{ckpt_dir!r}: tie_word_embeddings is true but lm_head.weight differs from "
-                                 "embed_tokens.weight; fix tie_word_embeddings in config.json")
+        if tied_head and not _same_tensor(index.slice("lm_head.weight"),
+                                          index.slice("model.language_model.embed_tokens.weight")):
+            raise ValueError(f"{ckpt_dir!r}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "embed_tokens.weight; fix tie_word_embeddings in config.json")
     finally:
         index.close()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _shardings(state, mesh, rules):
-    from cpt_jax.models.qwen2_5_vl.sharding import logical_to_mesh_sharding
+def _same_tensor(a, b, rows: int = 4096) -> bool:
+    """Whether two stored tensors are equal, compared a block of rows at a time (never a whole embedding in memory
+    twice)."""
+    shape = tuple(a.get_shape())
+    if shape != tuple(b.get_shape()):
+        return False
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, shape[0], rows))
 
-    return {path: logical_to_mesh_sharding(var, mesh, rules, path) for path, var in nnx.to_flat_state(state)}
+
+def _once_per_index(read):
+    """`read` called once per distinct index: devices holding replicas of a shard share one host copy."""
+    blocks = {}
+
+    def cached(where):
+        key = tuple((s.start, s.stop) for s in where)
+        if key not in blocks:
+            blocks[key] = read(where)
+        return blocks[key]
+
+    return cached
 
 
 def iter_hf_tensors(model: Qwen2_5_VL) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,6 +1,7 @@
 """Building blocks shared by the vision tower and the text decoder.
 
-Parameters carry logical axis names (`out_sharding` metadata); `sharding.py` maps them to mesh axes, one table per tower.
+Parameters carry logical axis names (`out_sharding` metadata) and activations are pinned at layer boundaries with
+`constrain(x, logical_names)`; `sharding.py` maps both to mesh axes. Layer code never names a mesh axis.
 Axis legend: B batch, L query length, S key length, D model dim, H heads, K kv heads, R = H/K, Dh head dim, F MLP dim.
 """
 
@@ -13,10 +14,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cpt_jax.models.qwen2_5_vl.sharding import constrain
+
 Dtype = jnp.dtype
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02); biases 0, norm scales 1.
 default_init = nnx.initializers.normal(0.02)
+
+# Logical axes of the activations pinned at layer boundaries.
+ACT_BLD = ("act_batch", "act_length", "act_embed")
+ACT_ND = ("act_patches", "act_vis_embed")
+ACT_LBSKD = ("layers", "act_batch", "act_kv_length", "act_kv_heads", None)
 
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, init=default_init) -> nnx.Param:
@@ -172,12 +180,16 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
-    """`lax.scan` over stacked layers: `body(layer, carry, x) -> (carry, y)` with the layer rebuilt per step."""
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, carry_axes, remat: str = "none"):
+    """`lax.scan` over stacked layers: `body(layer, carry, x) -> (carry, y)` with the layer rebuilt per step.
+
+    The carry (the residual stream) is constrained to its logical axes `carry_axes` before and after every layer.
+    """
     graphdef, state = nnx.split(layers)
 
     def step(c, inputs):
         layer_state, x = inputs
-        return body(nnx.merge(graphdef, layer_state), c, x)
+        c, y = body(nnx.merge(graphdef, layer_state), c, x)
+        return constrain(c, carry_axes), y
 
-    return jax.lax.scan(maybe_remat(step, remat), carry, (state, xs))
+    return jax.lax.scan(maybe_remat(step, remat), constrain(carry, carry_axes), (state, xs))

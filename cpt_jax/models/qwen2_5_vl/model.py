@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx, struct
 
 from cpt_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from cpt_jax.models.qwen2_5_vl.layers import param
+from cpt_jax.models.qwen2_5_vl.layers import ACT_BLD, ACT_LBSKD, constrain, param
 from cpt_jax.models.qwen2_5_vl.rope_index import get_rope_index
 from cpt_jax.models.qwen2_5_vl.text import TextDecoder
 from cpt_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, merged_count, vision_inputs
@@ -97,20 +97,23 @@ class Qwen2_5_VL(nnx.Module):
 
     def embed(self, input_ids_BL, vision: VisionInputs | None = None):
         """Token embeddings with the image embeddings scattered, in order, into the image-pad positions."""
-        x = self.language_model.embed(input_ids_BL)
+        x = constrain(self.language_model.embed(input_ids_BL), ACT_BLD)
         if vision is None:
             return x
         image_MD = self.visual(vision).astype(x.dtype)
         is_image = input_ids_BL == self.config.image_token_id
         slot = jnp.cumsum(is_image.reshape(-1)) - 1  # row-major order, like torch's masked_scatter
         gathered = image_MD[jnp.clip(slot, 0, image_MD.shape[0] - 1)].reshape(x.shape)
-        return jnp.where(is_image[..., None], gathered, x)
+        return constrain(jnp.where(is_image[..., None], gathered, x), ACT_BLD)
 
     def logits(self, hidden_D):
+        """Logits (..., V) of hidden states (..., D) whose first axis is the batch (rows or tokens)."""
         if self.lm_head is None:
             w = self.language_model.embed_tokens[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", hidden_D, w)
-        return jnp.einsum("...d,dv->...v", hidden_D, self.lm_head[...].astype(self.dtype))
+            logits = jnp.einsum("...d,vd->...v", hidden_D, w)
+        else:
+            logits = jnp.einsum("...d,dv->...v", hidden_D, self.lm_head[...].astype(self.dtype))
+        return constrain(logits, ("act_batch",) + ("act_length",) * (logits.ndim - 2) + ("act_vocab",))
 
     def hidden_states(self, input_ids_BL, attention_mask_BL, position_ids_3BL, vision: VisionInputs | None = None):
         """Final normed hidden states (B, L, D) and per-layer keys/values (Ly, B, L, K, Dh)."""
@@ -140,7 +143,7 @@ class Qwen2_5_VL(nnx.Module):
         valid = attention_mask_BL.astype(bool)
         top = jnp.max(jnp.where(valid[None], position_ids_3BL, jnp.iinfo(jnp.int32).min), axis=(0, 2))
         cache = KVCache(
-            k=jnp.pad(k, pad), v=jnp.pad(v, pad),
+            k=constrain(jnp.pad(k, pad), ACT_LBSKD), v=constrain(jnp.pad(v, pad), ACT_LBSKD),
             mask=jnp.pad(valid, ((0, 0), (0, cache_size - length))),
             index=jnp.asarray(length, jnp.int32),
             positions=(position_ids_3BL[:, :, -1] + 1).astype(jnp.int32),
@@ -154,8 +157,8 @@ class Qwen2_5_VL(nnx.Module):
         h, (k_new, v_new) = self.language_model.decode(x, cache.positions[:, :, None], cache.k, cache.v, cache.mask)
         at = (0, 0, cache.index, 0, 0)
         cache = cache.replace(
-            k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
+            k=constrain(jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at), ACT_LBSKD),
+            v=constrain(jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at), ACT_LBSKD),
             mask=jax.lax.dynamic_update_slice(cache.mask, jnp.ones((cache.mask.shape[0], 1), bool), (0, cache.index)),
             index=cache.index + 1,
             positions=cache.positions + 1,

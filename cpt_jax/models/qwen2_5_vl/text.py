@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax.models.qwen2_5_vl.config import TextConfig
-from cpt_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rotary, attention_output,
-                                              attention_scores, get_attention, masked_softmax, param, scan_layers,
-                                              stacked)
+from cpt_jax.models.qwen2_5_vl.layers import (ACT_BLD, Linear, RMSNorm, SwiGLU, apply_rotary, attention_output,
+                                              attention_scores, constrain, get_attention, masked_softmax, param,
+                                              scan_layers, stacked)
 
 
 def mrope(position_ids_3BL, config: TextConfig, dtype):
@@ -102,7 +102,9 @@ class TextDecoder(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", **kw)
 
     def embed(self, input_ids_BL):
-        return self.embed_tokens[...][input_ids_BL].astype(self.dtype)
+        # The lookup reads whole rows: gather the table's embedding axis first (FSDP), keep the vocabulary split.
+        table_VD = constrain(self.embed_tokens[...], ("act_vocab", "act_embed"))
+        return table_VD[input_ids_BL].astype(self.dtype)
 
     def __call__(self, x_BLD, position_ids_3BL, mask_BLS):
         """Full-sequence forward. Returns normed hidden states (B, L, D) and per-layer k, v (Ly, B, L, K, Dh)."""
@@ -111,7 +113,7 @@ class TextDecoder(nnx.Module):
         def body(layer, x, _):
             return layer(x, cos, sin, mask_BLS)
 
-        x, kv = scan_layers(self.layers, body, x_BLD, remat=self.remat)
+        x, kv = scan_layers(self.layers, body, x_BLD, carry_axes=ACT_BLD, remat=self.remat)
         return self.norm(x), kv
 
     def decode(self, x_B1D, position_ids_3B1, k_cache, v_cache, mask_BS):
@@ -121,5 +123,5 @@ class TextDecoder(nnx.Module):
         def body(layer, x, kv):
             return layer.decode(x, cos, sin, kv[0], kv[1], mask_BS)
 
-        x, kv = scan_layers(self.layers, body, x_B1D, (k_cache, v_cache))
+        x, kv = scan_layers(self.layers, body, x_B1D, (k_cache, v_cache), carry_axes=ACT_BLD)
         return self.norm(x), kv

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx, struct
 
 from cpt_jax.models.qwen2_5_vl.config import VisionConfig
-from cpt_jax.models.qwen2_5_vl.layers import (RMSNorm, SwiGLU, Linear, apply_rotary, dense, get_attention, param,
-                                              scan_layers, stacked)
+from cpt_jax.models.qwen2_5_vl.layers import (ACT_ND, RMSNorm, SwiGLU, Linear, apply_rotary, dense, get_attention,
+                                              param, scan_layers, stacked)
 
 
 @struct.dataclass
@@ -199,12 +199,15 @@ class VisionTower(nnx.Module):
         def body(block, x, full):
             return block(x, cos, sin, jnp.where(full, frame_mask, window_mask)), None
 
-        x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), remat=self.remat)
+        x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), carry_axes=ACT_ND, remat=self.remat)
         return x
 
     def __call__(self, inputs: VisionInputs):
         merged = self.merger(self.encode(inputs))
-        return merged[inputs.unpermute]
+        # Real merged tokens first, in image order. One batch already ends in its padding; a global batch joins the
+        # blocks of several processes, each ending in its own (`cpt_jax.sharding.global_batch`).
+        is_pad = inputs.frame_seg[inputs.unpermute * self.config.merge_unit] < 0
+        return merged[inputs.unpermute[jnp.argsort(is_pad, stable=True)]]
 
 
 def merged_count(grid_thw, config: VisionConfig) -> int:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import load_file, save_file
 
-from cpt_jax.models.qwen2_5_vl import load_hf_checkpoint, save_hf_checkpoint
+from cpt_jax.models.qwen2_5_vl import hf_io, load_hf_checkpoint, save_hf_checkpoint
 from cpt_jax.models.qwen2_5_vl.hf_io import INDEX_FILE, SINGLE_FILE
 from tests.models.qwen2_5_vl import reference as ref
 
@@ -116,5 +116,41 @@ def test_load_onto_a_mesh_shards_parameters_and_keeps_values(model, hf_dir):
     # 2 kv heads do not divide the 4-way tensor axis: that dimension is replicated, not silently mis-split.
     k = sharded.language_model.layers.self_attn.k_proj.kernel.get_value()
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    for path, value in _params(model).items():
+        np.testing.assert_array_equal(_params(sharded)[path], value, err_msg=str(path))
+
+
+def test_each_device_reads_only_its_slice_of_each_tensor(model, hf_dir):
+    """`_read_block` of any slice equals that slice of the whole converted tensor, for every kind of table entry."""
+    config = model.config
+    index = hf_io._TensorIndex(str(hf_dir))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(0)
+    try:
+        for entry in hf_io._table(config):
+            full = np.asarray(flat[entry.path].get_value())
+            per_layer = full.shape[1:] if entry.stacked else full.shape
+            name = hf_io._names(config, entry)[-1]
+            whole = full[-1] if entry.stacked else full
+            for _ in range(3):
+                where = []
+                for n in per_layer:
+                    start = int(rng.integers(0, n))
+                    where.append(slice(start, int(rng.integers(start + 1, n + 1))))
+                block = hf_io._read_block(index.slice(name), entry, per_layer, tuple(where))
+                np.testing.assert_array_equal(block, whole[tuple(where)], err_msg=f"{name} {where}")
+    finally:
+        index.close()
+
+
+def test_load_onto_a_mesh_with_the_sampler_rules(model, hf_dir):
+    from cpt_jax.models.qwen2_5_vl.sharding import SAMPLER_RULES
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    sharded = load_hf_checkpoint(hf_dir, mesh=mesh, rules=SAMPLER_RULES)
+    gate = sharded.language_model.layers.mlp.gate_proj.kernel.get_value()
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")  # 'fsdp' holds replicas
+    qkv = sharded.visual.blocks.attn.qkv.kernel.get_value()  # (Ly, D, 3, H, Dh): heads split, not the leading 3
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor", None)
     for path, value in _params(model).items():
         np.testing.assert_array_equal(_params(sharded)[path], value, err_msg=str(path))
