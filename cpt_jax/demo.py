@@ -184,5 +184,6 @@ def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_ste
 def register(subparsers):
     parser = subparsers.add_parser("demo", help="synthetic tasks + tiny model on CPU: SFT vs RFT forgetting")
     parser.add_argument("--workdir", default="cpt_demo", help="where data, the base model and results go")
-    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps (about 6 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller data and fewer steps (about 6 minutes on 2 CPU cores)")
     parser.set_defaults(func=lambda args: run(args.workdir, args.quick) and 0)
