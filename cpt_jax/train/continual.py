@@ -459,7 +459,8 @@ class ContinualRun:
         result = rif_filter(batches(), rollout, self.reward_fn, num_samples=n,
                             drop_always_correct=cfg.rif.drop_always_correct,
                             state_path=os.path.join(self.workdir, "rif", f"stage{stage}_{task.replace('/', '_')}.json"),
-                            key=f"{task}/seed{cfg.seed}/stage{stage}", total=len(self.source(task, cfg.data.train_split)))
+                            key=f"{task}/seed{cfg.seed}/stage{stage}",
+                            total=len(self.source(task, cfg.data.train_split)))
         log.info(result.summary())
         return result
 
