@@ -11,9 +11,7 @@ bytes a decode step must read vs the measured memory bandwidth, and FLOPs vs the
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import pathlib
 import sys
 
@@ -102,19 +100,8 @@ def run(size: common.Size, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(common.SIZES), default="40m")
-    parser.add_argument("--json", type=pathlib.Path, help="where to write the result")
-    args = parser.parse_args(argv)
-    result = run(common.SIZES[args.size], ["benchmarks/bench_rollout.py", *argv])
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(json.dumps({k: result[k] for k in ("jax_tokens_per_s", "reference_tokens_per_s", "ratio",
-                                             "jax_compile_s")}))
-    return result
-
+    return common.main(run, "benchmarks/bench_rollout.py", __doc__.splitlines()[0],
+                       ("jax_tokens_per_s", "reference_tokens_per_s", "ratio", "jax_compile_s"), argv=argv)
 
 if __name__ == "__main__":
     main()

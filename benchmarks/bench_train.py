@@ -12,8 +12,6 @@ of each prompt. MFU = analytic model FLOPs of a step / step time / the measured 
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
 import time
@@ -169,19 +167,9 @@ def run(size: common.Size, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(common.SIZES), default="40m")
-    parser.add_argument("--json", type=pathlib.Path, help="where to write the result")
-    args = parser.parse_args(argv)
-    result = run(common.SIZES[args.size], ["benchmarks/bench_train.py", *argv])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("jax_tokens_per_s", "reference_tokens_per_s", "ratio",
-                                             "jax_compile_s", "rft_update_median_s")}))
-    print(json.dumps({k: result["limits"][k] for k in ("matmul_peak_flops", "jax_mfu", "reference_mfu")}))
-    return result
-
+    return common.main(run, "benchmarks/bench_train.py", __doc__.splitlines()[0],
+                       ("jax_tokens_per_s", "reference_tokens_per_s", "ratio", "jax_compile_s", "rft_update_median_s"),
+                       ("matmul_peak_flops", "jax_mfu", "reference_mfu"), argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -7,14 +7,18 @@ transformers' `from_pretrained` (sdpa attention), so both hold bit-identical wei
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
+import json
 import os
+import pathlib
 import platform
 import shlex
 import tempfile
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +242,21 @@ def _cpu_model() -> str:
 
 def scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="cpt_jax_bench_")
+
+
+def main(run: Callable[[Size, list[str]], dict], script: str, description: str, summary: Sequence[str],
+         limits_summary: Sequence[str] = (), argv: list[str] | None = None) -> dict:
+    """The command line of a benchmark: `--size`, `--json OUT`; runs `run(size, command)`, writes the result and
+    prints the `summary` keys (and the `limits_summary` keys of its limits)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=sorted(SIZES), default="40m")
+    parser.add_argument("--json", type=pathlib.Path, help="where to write the result")
+    args = parser.parse_args(argv)
+    result = run(SIZES[args.size], [script, *argv])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in summary}))
+    if limits_summary:
+        print(json.dumps({k: result["limits"][k] for k in limits_summary}))
+    return result
