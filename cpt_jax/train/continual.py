@@ -234,15 +234,27 @@ class ContinualRun:
 
     def _resume(self):
         """(params, reference params, state to continue a stage with or None, loop) from the latest checkpoint."""
-        like_params = jax.tree.map(jnp.copy, self.base_params)
-        _, like = create_train_state(nnx.merge(self.graphdef, like_params), self._optimizer(1), 0,
-                                     layout=self.layout)
+        like = self._fresh_state(self.base_params, self._optimizer(1), 0)
         extra_like = {"ref": self.base_params} if self._saves_reference else None
         state, loop, extra = self.checkpointer.restore(like, extra_like=extra_like)
         log.info("resuming from checkpoint %d: stage %d, step %d", self.checkpointer.latest_step(), loop["stage"],
                  loop["step_in_stage"])
         ref = extra.get("ref", self.base_params)
         return state.params, ref, (state if loop["in_stage"] else None), loop
+
+    def _fresh_state(self, params, optimizer, rng) -> TrainState:
+        # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
+        return create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer, rng,
+                                  layout=self.layout)[1]
+
+    def _start_stage(self, stage: int, params, optimizer, loader, loop: dict, resume_state):
+        """(state, data iterator, first step) of a stage: fresh, or where the checkpoint left it."""
+        iterator = iter(loader)
+        if resume_state is None:
+            rng = jax.random.fold_in(jax.random.key(self.config.seed), stage)
+            return self._fresh_state(params, optimizer, rng), iterator, 0
+        iterator.set_state(loop["iterator"])
+        return resume_state, iterator, loop["step_in_stage"]
 
     def train_sft(self, stage: int, task: str, epochs: int, params, ref_params, loop: dict, resume_state):
         cfg = self.config
@@ -252,15 +264,7 @@ class ContinualRun:
                              num_epochs=epochs, template=cfg.data.sft_template)
         total = self._cap(loader.num_batches // k)
         optimizer = self._optimizer(total)
-        # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
-        _, state = create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer,
-                                      jax.random.fold_in(jax.random.key(cfg.seed), stage), layout=self.layout)
-        iterator = iter(loader)
-        start = 0
-        if resume_state is not None:
-            state = resume_state
-            iterator.set_state(loop["iterator"])
-            start = loop["step_in_stage"]
+        state, iterator, start = self._start_stage(stage, params, optimizer, loader, loop, resume_state)
         step_fn = make_sft_step(self.graphdef, optimizer, layout=self.layout)
         pending = []
         for step in tqdm(range(start, total), desc=f"sft {task}", initial=start, total=total, unit="step"):
@@ -303,23 +307,14 @@ class ContinualRun:
             if not rif_ids:
                 log.warning("RIF kept no item of task %r: the model never answered it correctly in %d rollouts, so "
                             "RFT has no signal on it; the stage trains nothing", task, cfg.rif.num_samples)
-                return create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)),
-                                          self._optimizer(1), 0, layout=self.layout)[1]
+                return self._fresh_state(params, self._optimizer(1), 0)
         loader = self.loader(self.train_sources(task, rif_ids), mode="prompt", batch_size=cfg.rft.prompt_batch_size,
                              seed=cfg.seed + 7919 * stage, num_epochs=epochs)
         iterations = self._cap(math.ceil(loader.num_batches / cfg.rft.rollout_batches))
         updates_per_iteration = rc.ppo_epochs * math.ceil(cfg.rft.rollout_batches / rc.micro_batches_per_update)
         optimizer = self._optimizer(iterations * updates_per_iteration)
-        # A copy: the jitted steps donate the state, and `params` may be the base or reference weights.
-        _, state = create_train_state(nnx.merge(self.graphdef, jax.tree.map(jnp.copy, params)), optimizer,
-                                      jax.random.fold_in(jax.random.key(cfg.seed), stage), layout=self.layout)
+        state, iterator, start = self._start_stage(stage, params, optimizer, loader, loop, resume_state)
         learner = self.learner
-        iterator = iter(loader)
-        start = 0
-        if resume_state is not None:
-            state = resume_state
-            iterator.set_state(loop["iterator"])
-            start = loop["step_in_stage"]
         for it in tqdm(range(start, iterations), desc=f"rft {task}", initial=start, total=iterations, unit="iter"):
             batches = []
             for _ in range(cfg.rft.rollout_batches):
