@@ -26,14 +26,8 @@ def main():
 
     import jax.numpy as jnp
 
-    from cpt_jax.rl.rewards import register_reward
     from cpt_jax.train.cli import load_config
     from cpt_jax.train.continual import ContinualRun
-
-    @register_reward("test_length_parity")
-    def _length_parity(predictions, ground_truths):
-        return [{"overall": float(len(p) % 2 == 0), "format": 1.0, "accuracy": float(len(p) % 2 == 0)}
-                for p in predictions]
 
     run = ContinualRun(load_config(args.config, ["distributed=True"]), args.workdir)
     summary = run.run()

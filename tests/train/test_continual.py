@@ -18,13 +18,11 @@ from cpt_jax import demo
 from cpt_jax.data import tasks
 from cpt_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, save_hf_checkpoint
-from cpt_jax.rl.rewards import register_reward
 from cpt_jax.train.config import METHODS
 from cpt_jax.train.continual import ContinualRun
 from cpt_jax.train.optimizer import path_str
-
-TASKS = ("synthetic/colour", "synthetic/shape")
-GENERAL = ("synthetic/existence",)
+from tests.train import tiny_configs
+from tests.train.tiny_configs import CONFIG_FILE, GENERAL, TASKS
 
 
 @pytest.fixture(scope="module")
@@ -52,38 +50,21 @@ def assets(tmp_path_factory):
     return {"base": str(base), "data": str(data_dir)}
 
 
-def tiny_config(method, assets):
-    c = demo.demo_config(method, quick=True)
-    c.model.hf_dir = assets["base"]
-    c.data.data_dir = assets["data"]
-    c.data.tasks = TASKS
-    c.data.general = GENERAL
-    c.data.min_pixels = c.data.max_pixels = 56 * 56
-    c.data.patch_buckets = (32, 64, 128)
-    c.data.max_train_examples = 8
-    c.data.max_eval_examples = 4
-    c.sft.batch_size = 4
-    c.rft.prompt_batch_size = 2
-    c.rft.rollout_batches = 2
-    c.rft.num_samples = 2
-    c.rft.max_new_tokens = 4
-    c.rft.micro_batches_per_update = 1
-    c.rif.num_samples = 2
-    c.eval.max_new_tokens = 4
-    c.eval.batch_size = 4
-    c.schedule.max_steps_per_task = 2
-    c.diagnostics.gradient_every = 2
-    c.diagnostics.num_groups = 1
-    c.diagnostics.fisher_examples = 1
-    c.mesh.num_devices = 1  # the sharded runs have their own test
-    return c
+def tiny_config(method, assets, changes=None):
+    return tiny_configs.tiny_config(method, assets["base"], assets["data"], changes)
 
 
-@register_reward("test_length_parity")
-def _length_parity(predictions, ground_truths):
-    """A stand-in verifier a random model passes about half the time, so RIF and GRPO see mixed groups."""
-    return [{"overall": float(len(p) % 2 == 0), "format": 1.0, "accuracy": float(len(p) % 2 == 0)}
-            for p in predictions]
+def write_config(path, method, assets, changes):
+    """A config file for a subprocess, holding the same settings as `tiny_config(method, assets, changes)`."""
+    path.write_text(CONFIG_FILE.format(method=method, base=assets["base"], data=assets["data"], changes=changes))
+    return path
+
+
+def with_repo_on_path(environ):
+    """`environ` with the repository on PYTHONPATH, so subprocesses import `tests.train.tiny_configs`."""
+    env = dict(environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    return env
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -140,36 +121,6 @@ def test_a_run_on_a_mesh_matches_one_device(method, assets, tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5, err_msg=path_str(path))
 
 
-CONFIG_FILE = """
-from cpt_jax import demo
-
-def get_config():
-    c = demo.demo_config("rft", quick=True)
-    c.model.hf_dir = {base!r}
-    c.data.data_dir = {data!r}
-    c.data.tasks = {tasks!r}
-    c.data.general = {general!r}
-    c.data.min_pixels = c.data.max_pixels = 56 * 56
-    c.data.patch_buckets = (32, 64, 128)
-    c.data.max_train_examples = 12
-    c.data.max_eval_examples = 4
-    c.rft.prompt_batch_size = 2
-    c.rft.rollout_batches = 2
-    c.rft.num_samples = 2
-    c.rft.max_new_tokens = 4
-    c.rft.micro_batches_per_update = 1
-    c.eval.max_new_tokens = 4
-    c.eval.batch_size = 4
-    c.schedule.max_steps_per_task = 3
-    c.diagnostics.gradient_every = 0
-    c.checkpoint.every_steps = 1
-    c.checkpoint.keep = 2
-    c.mesh.num_devices = 4  # sharded state: the checkpoint restores onto the mesh
-    c.mesh.tensor = 2
-    return c
-"""
-
-
 def _train_cmd(config_path, workdir):
     return [sys.executable, "-m", "cpt_jax.cli", "train", "--config", str(config_path), "--workdir", str(workdir)]
 
@@ -183,9 +134,11 @@ def _final(workdir, config_path):
 
 
 def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
-    config_path = tmp_path / "tiny_rft.py"
-    config_path.write_text(CONFIG_FILE.format(base=assets["base"], data=assets["data"], tasks=TASKS, general=GENERAL))
-    env = dict(os.environ)
+    # A sharded state (4 devices, tensor 2): the checkpoint restores onto the mesh.
+    config_path = write_config(tmp_path / "tiny_rft.py", "rft", assets, {
+        "data.max_train_examples": 12, "schedule.max_steps_per_task": 3, "diagnostics.gradient_every": 0,
+        "checkpoint.every_steps": 1, "checkpoint.keep": 2, "mesh.num_devices": 4, "mesh.tensor": 2})
+    env = with_repo_on_path(os.environ)
     subprocess.run(_train_cmd(config_path, tmp_path / "straight"), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
@@ -209,36 +162,6 @@ def test_a_run_killed_mid_task_resumes_to_the_same_result(assets, tmp_path):
         np.testing.assert_array_equal(killed_params[path], value, err_msg=path)
 
 
-MULTIHOST_CONFIG = """
-from cpt_jax import demo
-
-def get_config():
-    c = demo.demo_config({method!r}, quick=True)
-    c.model.hf_dir = {base!r}
-    c.data.data_dir = {data!r}
-    c.data.tasks = {tasks!r}
-    c.data.general = ()
-    c.data.min_pixels = c.data.max_pixels = 56 * 56
-    c.data.patch_buckets = (32, 64, 128)
-    c.data.max_train_examples = 8
-    c.data.max_eval_examples = 4
-    c.sft.batch_size = 4
-    c.rft.prompt_batch_size = 4  # 2 per process: one per data-parallel device
-    c.rft.rollout_batches = 1
-    c.rft.num_samples = 2
-    c.rft.max_new_tokens = 4
-    c.rft.micro_batches_per_update = 1
-    c.rft.reward = "test_length_parity"
-    c.eval.max_new_tokens = 4
-    c.eval.batch_size = 4
-    c.schedule.max_steps_per_task = 2
-    c.diagnostics.gradient_every = 0
-    c.checkpoint.every_steps = 1
-    c.optim.learning_rate = 0.1
-    return c
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "rft"])
 def test_two_processes_run_the_loop_on_one_global_mesh(method, assets, tmp_path):
@@ -246,11 +169,11 @@ def test_two_processes_run_the_loop_on_one_global_mesh(method, assets, tmp_path)
     4-device mesh, both end with the same global parameters and accuracies, and only process 0 writes results."""
     from tests.test_sharding import _free_port
 
-    config_path = tmp_path / "tiny.py"
-    config_path.write_text(MULTIHOST_CONFIG.format(method=method, base=assets["base"], data=assets["data"],
-                                                   tasks=TASKS))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    config_path = write_config(tmp_path / "tiny.py", method, assets, {
+        "data.general": (), "rft.prompt_batch_size": 4,  # 2 prompts per process: one per data-parallel device
+        "rft.rollout_batches": 1, "rft.reward": "test_length_parity", "diagnostics.gradient_every": 0,
+        "checkpoint.every_steps": 1, "optim.learning_rate": 0.1, "mesh.num_devices": 0})
+    env = with_repo_on_path({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     coordinator = f"localhost:{_free_port()}"
     workers = [subprocess.Popen([sys.executable, "-m", "tests.train.continual_worker", "--config", str(config_path),
                                  "--workdir", str(tmp_path / "run"), "--coordinator", coordinator,
