@@ -150,6 +150,7 @@ class ContinualRun:
 
         self._nll_grad = jax.jit(jax.grad(lambda params, example: sft_loss(graphdef, params, example)[0]))
         self._sft_grad = jax.jit(jax.grad(sft_mean))
+        self._sampler_gap = jax.jit(sampler_gap)
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -348,10 +349,12 @@ class ContinualRun:
                 mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards)
                 if j == 0:
                     first_rewards = rewards
-                mb["row_weight"] = sharding.global_batch({"row_weight": valid.astype(np.float32)},
-                                                         self.layout)["row_weight"]
-                old = sharding.local_batch(mb["old_logprobs"])
-                gaps.append(sampler_gap(old, out.logprobs, np.arange(old.shape[1]) < out.lengths[:, None]))
+                # The sampler's log-probs join the global batch, so the gap is computed on device without
+                # waiting for the trainer's log-probs.
+                extra = sharding.global_batch({"row_weight": valid.astype(np.float32), "logprobs": out.logprobs},
+                                              self.layout)
+                mb["row_weight"] = extra["row_weight"]
+                gaps.append(self._sampler_gap(mb["old_logprobs"], extra["logprobs"], mb["response_mask"]))
                 micro.append(mb)
                 keep = np.flatnonzero(valid)
                 scores_all += [scores[i] for i in keep]
