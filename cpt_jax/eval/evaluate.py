@@ -27,18 +27,25 @@ class EvalResult:
     records: list[dict[str, Any]]  # per example: id, answer, prediction, accuracy
 
 
+def prompt_attention_mask(batch) -> np.ndarray:
+    """The attention mask of a pipeline prompt batch with one attended (last) token in each dummy row, so that
+    sampling and scoring those rows stay finite; their outputs are ignored."""
+    mask = np.array(batch.device.attention_mask)
+    mask[~np.asarray(batch.device.valid), -1] = 1
+    return mask
+
+
 def generate_for_batch(model, batch, *, rng, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                        top_k: int = 0, num_samples: int = 1, eos_token_ids=(), pad_token_id: int = 0,
                        length_buckets=None, patch_buckets=None, layout=None):
-    """`generate` on a pipeline prompt batch; dummy rows (valid False, all padding) are given a last token to attend
-    to so they decode harmlessly, and their outputs must be ignored by the caller.
+    """`generate` on a pipeline prompt batch; dummy rows (valid False, all padding) decode harmlessly
+    (`prompt_attention_mask`) and their outputs must be ignored by the caller.
 
     With `layout` (`cpt_jax.sharding.Layout`; `model` in its sampler layout), the prompts of every process form one
     global batch and each process gets its own rows back as host arrays.
     """
     device = batch.device
-    mask = np.array(device.attention_mask)
-    mask[~np.asarray(device.valid), -1] = 1
+    mask = prompt_attention_mask(batch)
     kwargs = {}
     if length_buckets is not None:
         kwargs["length_buckets"] = length_buckets

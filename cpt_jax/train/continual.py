@@ -32,7 +32,7 @@ from cpt_jax.data.pipeline import Buckets, Loader
 from cpt_jax.data.processor import ImageProcessor
 from cpt_jax.data.tasks import Subset, load_split
 from cpt_jax.data.tokenizer import load_tokenizer, special_token_ids
-from cpt_jax.eval.evaluate import decode_completions, evaluate, generate_for_batch
+from cpt_jax.eval.evaluate import decode_completions, evaluate, generate_for_batch, prompt_attention_mask
 from cpt_jax.eval.metrics import summarize
 from cpt_jax.models.qwen2_5_vl import load_hf_checkpoint
 from cpt_jax.rl import diagnostics as diag
@@ -344,8 +344,7 @@ class ContinualRun:
                 rewards = np.array([s["overall"] for s in scores], np.float32) * valid
                 prompts = _as_dict(batch.device)
                 prompts.pop("valid")
-                prompts["attention_mask"] = np.array(prompts["attention_mask"])
-                prompts["attention_mask"][~np.asarray(batch.device.valid), -1] = 1
+                prompts["attention_mask"] = prompt_attention_mask(batch)
                 mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards)
                 if j == 0:
                     first_rewards = rewards
