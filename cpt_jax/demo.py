@@ -1,9 +1,13 @@
 """`cpt-jax demo`: the continual post-training experiment end to end on a laptop CPU, in minutes.
 
 Builds the embedded synthetic suite and a small tokenizer, pretrains a tiny Qwen2.5-VL base model (same code path
-as 7B; cached in the workdir) on a short mixture of every task so it knows the answer format and has partial skill,
-then runs SFT, RFT, RIF-RFT and multi-task SFT over a sequence of new tasks, evaluates, and writes
-`DIR/summary.json` and `DIR/report.md` with plots.
+as 7B; cached in the workdir) on the general tasks plus a little of every new task, so it knows the answer format
+and the answers' words without the new skills, then runs SFT, RFT, RIF-RFT and multi-task SFT over a sequence of
+new tasks, evaluates, and writes `DIR/summary.json` and `DIR/report.md` with plots.
+
+The tasks use scenes of one shape filling a 56-pixel image (`synthetic.SINGLE`): four merged vision tokens, which
+the 2-layer model learns to read in about a hundred steps (on the suite's 3x3 scenes it stays at chance for
+thousands), and a plain prompt, which keeps sequences under 72 tokens.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from cpt_jax.train.state import check_finite, create_train_state
 log = logging.getLogger(__name__)
 
 DEMO_METHODS = ("sft", "rft", "rif_rft", "multitask_sft")
-TASKS = ("colour", "shape", "position", "count")
-GENERAL = ("arithmetic", "existence", "choice")
+TASKS = ("colour_single", "size_single", "shape_single", "existence_single")
+GENERAL = ("arithmetic", "choice_single")
+# How often the pretraining mixture draws a new task relative to a general one: enough to learn the answer words,
+# too little to learn the skill, so each new task starts near chance as the paper's tasks start low.
+NEW_TASK_WEIGHT = 0.1
 # SFT learns the answer layout the reward reads (the paper's RFT format), so both methods are scored alike.
 COT_TARGET = "<think> the answer is {answer} </think> \\boxed{{{answer}}}"
-# The generator draws 56 px scenes on a 3x3 grid; resized to 84 px, each grid cell is exactly one merged vision
-# token (2x2 patches of 14 px), which a tiny vision tower learns far more easily.
-IMAGE_SIZE = 84
+IMAGE_SIZE = 56  # the synthetic images' own size: 4x4 patches, 4 merged tokens
 
 
 def demo_config(method: str = "sft", quick: bool = False):
@@ -54,28 +59,30 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.model.remat = "none"
     c.data.tasks = tuple(f"synthetic/{t}" for t in TASKS)
     c.data.general = tuple(f"synthetic/{t}" for t in GENERAL)
-    c.data.template = "cot"
-    c.data.sft_template = "cot"
+    c.data.template = "plain"
+    c.data.sft_template = "plain"
     c.data.sft_target = COT_TARGET
     c.data.min_pixels = c.data.max_pixels = IMAGE_SIZE * IMAGE_SIZE
-    c.data.length_buckets = (128, 160, 192)
-    c.data.patch_buckets = (288, 576, 1152)  # 36 patches per image: 8, 16 and 32 images
-    c.data.max_train_examples = 96 if quick else 256
+    c.data.length_buckets = (72, 96, 128)
+    c.data.patch_buckets = (128, 256, 512, 1024)  # 16 patches per image: 8 to 64 images
+    c.data.max_train_examples = 128 if quick else 256
     c.data.max_eval_examples = 32 if quick else 64
     c.optim.weight_decay = 0.0
-    c.optim.learning_rate = 1e-3
+    # SFT at 1e-3 learns a new task in ~60 steps; RFT's on-policy updates break the answer format at that rate.
+    c.optim.learning_rate = 1e-3 if method in ("sft", "multitask_sft") else 3e-4
     c.optim.schedule = "constant"
+    c.schedule.epochs = (4,) * len(TASKS)
     c.sft.batch_size = 16
     c.rft.prompt_batch_size = 8
     c.rft.rollout_batches = 2
     c.rft.num_samples = 4
     c.rft.top_p = 1.0
-    c.rft.max_new_tokens = 24
+    c.rft.max_new_tokens = 20
     c.rft.micro_batches_per_update = 2
     c.rif.num_samples = 4
     c.eval.temperature = 0.0
-    c.eval.max_new_tokens = 24
-    c.eval.batch_size = 32
+    c.eval.max_new_tokens = 20
+    c.eval.batch_size = 32 if quick else 64
     c.diagnostics.gradient_every = 4
     c.diagnostics.num_groups = 2
     c.diagnostics.fisher_examples = 4
@@ -111,7 +118,7 @@ def build_assets(workdir: str) -> tuple[str, str]:
             for ex in synthetic.generate(name, "train", n=40, seed=1):
                 texts += [ex["question"], COT_TARGET.format(answer=ex["answer"])]
         build_tiny_tokenizer(tok_dir, extra_texts=texts)
-    for name in synthetic.TASKS:
+    for name in (*TASKS, *GENERAL):
         tasks.prepare(f"synthetic/{name}", data_dir)
     return tok_dir, data_dir
 
@@ -125,12 +132,15 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
     config = tiny_model_config(tokenizer)
     model = Qwen2_5_VL(config, rngs=nnx.Rngs(seed))
     cfg = demo_config()
-    sources = {name: tasks.Subset(src, range(min(len(src), 512))) for name in synthetic.TASKS
+    # The new tasks' training splits are the continual stages' data too, so the base sees other examples of them.
+    sources = {name: tasks.Subset(src, range(len(src) - 512, len(src))) for name in (*GENERAL, *TASKS)
                for src in [tasks.load_split(f"synthetic/{name}", "train", data_dir)]}
-    loader = Loader(sources, mode="sft", tokenizer=tokenizer, config=config, batch_size=32,
+    weights = {name: NEW_TASK_WEIGHT if name in TASKS else 1.0 for name in sources}
+    loader = Loader(sources, mode="sft", tokenizer=tokenizer, config=config, batch_size=cfg.sft.batch_size,
                     buckets=Buckets(cfg.data.length_buckets, cfg.data.patch_buckets),
                     processor=ImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels),
-                    template="cot", target_format=COT_TARGET, seed=seed, num_threads=2)
+                    template=cfg.data.sft_template, target_format=COT_TARGET, weights=weights, seed=seed,
+                    num_threads=2)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_ratio=0.05,
                                                total_steps=steps, weight_decay=0.0))
     graphdef, state = create_train_state(model, optimizer, seed)
@@ -162,7 +172,7 @@ def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_ste
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     tok_dir, data_dir = build_assets(workdir)
-    steps = pretrain_steps if pretrain_steps is not None else (150 if quick else 300)
+    steps = pretrain_steps if pretrain_steps is not None else (300 if quick else 800)
     base_dir = pretrain_base(workdir, tok_dir, data_dir, steps=steps)
     summaries = {}
     for method in methods:
@@ -185,5 +195,5 @@ def register(subparsers):
     parser = subparsers.add_parser("demo", help="synthetic tasks + tiny model on CPU: SFT vs RFT forgetting")
     parser.add_argument("--workdir", default="cpt_demo", help="where data, the base model and results go")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller data and fewer steps (about 6 minutes on 2 CPU cores)")
+                        help="smaller data and fewer steps")
     parser.set_defaults(func=lambda args: run(args.workdir, args.quick) and 0)

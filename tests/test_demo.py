@@ -7,6 +7,7 @@ from cpt_jax import demo
 
 def _smallest(config):
     config.data.tasks = config.data.tasks[:2]
+    config.schedule.epochs = config.schedule.epochs[:2]
     config.data.general = config.data.general[:1]
     config.data.max_train_examples = 8
     config.data.max_eval_examples = 4

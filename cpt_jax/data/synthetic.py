@@ -71,11 +71,31 @@ class Shape:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """What an image shows: coloured shapes and one digit, each in its own grid cell (row, col)."""
+    """What an image shows: coloured shapes and at most one digit, each in its own cell (row, col) of a
+    `grid` x `grid` layout; `digit` is None in scenes drawn without one."""
 
     shapes: tuple[Shape, ...]
-    digit: int
-    digit_cell: tuple[int, int]
+    digit: int | None
+    digit_cell: tuple[int, int] | None
+    grid: int = GRID
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How scenes are drawn: a `grid` x `grid` layout holding 1 to `max_shapes` shapes, plus a digit if `digit`.
+
+    The default is the suite's scene; `Layout(grid=1, max_shapes=1, digit=False)` draws one shape filling the
+    image, which a tiny model learns to read within a few hundred steps (the CPU demo's tasks).
+    """
+
+    grid: int = GRID
+    max_shapes: int = MAX_SHAPES
+    digit: bool = True
+
+    def __post_init__(self):
+        if self.grid < 1 or not 1 <= self.max_shapes <= min(len(COLOURS) * len(SHAPES), self.grid**2 - self.digit):
+            raise ValueError(f"{self} cannot be drawn: it needs grid >= 1 and 1 <= max_shapes <= the free cells "
+                             f"({self.grid}x{self.grid}{' less one for the digit' if self.digit else ''})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +112,14 @@ class SyntheticTask:
     instruction: str
     ask: Callable[[Scene | None, np.random.Generator], tuple[str, str] | None]
     multimodal: bool = True
+    needs: tuple[str, ...] = ()  # what the question reads from a scene: "digit", "columns" (a 3-wide grid)
+
+    def check(self, layout: Layout):
+        """Raises if scenes drawn with `layout` cannot pose this task's question."""
+        if "digit" in self.needs and not layout.digit:
+            raise ValueError(f"task {self.name!r} asks about the digit; it needs a layout with digit=True")
+        if "columns" in self.needs and layout.grid != len(COLUMNS):
+            raise ValueError(f"task {self.name!r} asks left/middle/right; it needs a layout with grid={len(COLUMNS)}")
 
     def __post_init__(self):
         if self.kind not in ("skill", "general"):
@@ -184,16 +212,19 @@ TASKS = {
         SyntheticTask("count", "skill", _NUMBER, _ask_count),
         SyntheticTask("colour", "skill", _WORD, _ask_colour),
         SyntheticTask("shape", "skill", _WORD, _ask_shape),
-        SyntheticTask("position", "skill", _WORD, _ask_position),
+        SyntheticTask("position", "skill", _WORD, _ask_position, needs=("columns",)),
         SyntheticTask("size", "skill", _WORD, _ask_size),
-        SyntheticTask("digit", "skill", _NUMBER, _ask_digit),
-        SyntheticTask("sum", "skill", _NUMBER, _ask_sum),
+        SyntheticTask("digit", "skill", _NUMBER, _ask_digit, needs=("digit",)),
+        SyntheticTask("sum", "skill", _NUMBER, _ask_sum, needs=("digit",)),
         SyntheticTask("arithmetic", "general", _NUMBER, _ask_arithmetic, multimodal=False),
         SyntheticTask("existence", "general", "Answer yes or no.", _ask_existence),
         SyntheticTask("choice", "general", _LETTER, _ask_choice),
     )
 }
 SKILLS = tuple(name for name, task in TASKS.items() if task.kind == "skill")
+# One shape filling the image, and the tasks that still ask something of it (a count would always be 1).
+SINGLE = Layout(grid=1, max_shapes=1, digit=False)
+SINGLE_TASKS = ("colour", "shape", "size", "existence", "choice")
 GENERAL = tuple(name for name, task in TASKS.items() if task.kind == "general")
 
 
@@ -206,19 +237,23 @@ def get_task(task):
     return TASKS[task]
 
 
-def sample_scene(rng):
-    """A random scene: one digit and 1-4 shapes in distinct cells, no (colour, shape) pair twice."""
-    num_shapes = int(rng.integers(1, MAX_SHAPES + 1))
-    cells = rng.permutation(GRID * GRID)[: num_shapes + 1]
+def sample_scene(rng, layout=Layout()):
+    """A random scene: 1 to `layout.max_shapes` shapes and the digit (if any) in distinct cells, no (colour,
+    shape) pair twice."""
+    grid = layout.grid
+    num_shapes = int(rng.integers(1, layout.max_shapes + 1))
+    cells = rng.permutation(grid * grid)[: num_shapes + layout.digit]
     pairs = [(colour, kind) for colour in COLOURS for kind in SHAPES]
     chosen = rng.choice(len(pairs), size=num_shapes, replace=False)
     shapes = tuple(
         Shape(kind=pairs[p][1], colour=pairs[p][0], size=SIZES[rng.integers(len(SIZES))],
-              row=int(cell // GRID), col=int(cell % GRID))
-        for p, cell in zip(chosen, cells[1:])
+              row=int(cell // grid), col=int(cell % grid))
+        for p, cell in zip(chosen, cells[layout.digit:])
     )
-    digit_cell = (int(cells[0] // GRID), int(cells[0] % GRID))
-    return Scene(shapes=shapes, digit=int(rng.integers(10)), digit_cell=digit_cell)
+    if not layout.digit:
+        return Scene(shapes=shapes, digit=None, digit_cell=None, grid=grid)
+    digit_cell = (int(cells[0] // grid), int(cells[0] % grid))
+    return Scene(shapes=shapes, digit=int(rng.integers(10)), digit_cell=digit_cell, grid=grid)
 
 
 def _shape_mask(kind, dy_HxW, dx_HxW, half):
@@ -241,7 +276,7 @@ def render(scene, image_size, rng):
     """Draws `scene` as a uint8 (image_size, image_size, 3) image; `rng` jitters positions inside cells."""
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size} is too small; use at least {MIN_IMAGE_SIZE} pixels")
-    cell = image_size / GRID
+    cell = image_size / scene.grid
     image_HxWx3 = np.full((image_size, image_size, 3), _BACKGROUND, np.uint8)
     ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
     for shape in scene.shapes:
@@ -249,6 +284,8 @@ def render(scene, image_size, rng):
         slack = max(0.0, cell / 2 - half - 1)
         cy, cx = (np.array([shape.row, shape.col]) + 0.5) * cell + rng.uniform(-slack, slack, size=2)
         image_HxWx3[_shape_mask(shape.kind, ys - cy, xs - cx, half)] = COLOURS[shape.colour]
+    if scene.digit is None:
+        return image_HxWx3
     glyph = FONT[str(scene.digit)]
     scale = max(1, int(0.8 * cell) // glyph.shape[0])
     glyph = np.kron(glyph, np.ones((scale, scale), bool))
@@ -267,13 +304,15 @@ def _rng(task, split, seed, index):
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def generate(task, split="train", n=100, seed=0, image_size=56, start=0):
-    """Examples `start … start+n-1` of `task` for `split`, each a function of (task, split, seed, index) only.
+def generate(task, split="train", n=100, seed=0, image_size=56, start=0, layout=Layout()):
+    """Examples `start … start+n-1` of `task` for `split`, each a function of (task, split, seed, index, layout).
 
     Returns dicts {"id", "question", "answer", "image"}: image tasks put one "<image>" placeholder in the
     question and give a uint8 (image_size, image_size, 3) image; text tasks give `image=None`.
     """
     task = get_task(task)
+    if task.multimodal:
+        task.check(layout)
     if n < 0 or start < 0:
         raise ValueError(f"n={n} and start={start} must be non-negative")
     records = []
@@ -282,7 +321,7 @@ def generate(task, split="train", n=100, seed=0, image_size=56, start=0):
         image = None
         if task.multimodal:
             for _ in range(_MAX_RESAMPLES):
-                scene = sample_scene(rng)
+                scene = sample_scene(rng, layout)
                 qa = task.ask(scene, rng)
                 if qa is not None:
                     break

@@ -125,3 +125,39 @@ def test_arithmetic_answer_is_the_value():
     for example in synthetic.generate("arithmetic", "test", 20):
         expression = example["question"].removeprefix("What is ").split("?")[0]
         assert int(example["answer"]) == eval(expression)  # noqa: S307 (digits and one operator)
+
+
+def test_single_shape_layout_draws_one_shape_and_no_digit():
+    examples = synthetic.generate("colour", "train", 20, seed=2, layout=synthetic.SINGLE)
+    for example in examples:
+        image = example["image"]
+        ink = (image == 0).all(axis=-1)
+        assert not ink.any()  # no digit
+        coloured = ~(image == 255).all(axis=-1)
+        rgb = {tuple(int(c) for c in px) for px in image[coloured]}
+        assert rgb == {synthetic.COLOURS[example["answer"]]}
+    # One shape filling the image covers far more of it than a 3x3-grid shape does.
+    single = np.mean([(~(e["image"] == 255).all(-1)).mean() for e in examples])
+    grid = np.mean([(~(e["image"] == 255).all(-1)).mean() for e in
+                    synthetic.generate("colour", "train", 20, seed=2)])
+    assert single > 2 * grid
+
+
+def test_layout_validates_and_tasks_refuse_layouts_they_cannot_ask_about():
+    with pytest.raises(ValueError, match="max_shapes"):
+        synthetic.Layout(grid=1, max_shapes=1, digit=True)  # the digit takes the only cell
+    with pytest.raises(ValueError, match="max_shapes"):
+        synthetic.Layout(grid=2, max_shapes=0)
+    with pytest.raises(ValueError, match="digit=True"):
+        synthetic.generate("digit", "train", 1, layout=synthetic.SINGLE)
+    with pytest.raises(ValueError, match="grid=3"):
+        synthetic.generate("position", "train", 1, layout=synthetic.SINGLE)
+    # The default layout is the suite's 3x3 scene with a digit.
+    for example in synthetic.generate("sum", "test", 3, seed=4):
+        assert (example["image"] == 0).all(axis=-1).any()
+
+
+@pytest.mark.parametrize("name", synthetic.SINGLE_TASKS)
+def test_single_tasks_pose_their_questions(name):
+    for example in synthetic.generate(name, "test", 10, seed=5, layout=synthetic.SINGLE):
+        assert grade_answer(example["answer"], example["answer"])

@@ -313,6 +313,20 @@ def test_synthetic_builder_writes_what_the_generator_gives(tmp_path):
         np.testing.assert_array_equal(example["images"][0], expected["image"])
 
 
+def test_synthetic_builder_passes_the_layout_on(tmp_path):
+    config = tasks.SyntheticConfig(name="shape_tiny_single", task="shape", train_size=2, test_size=2,
+                                   layout=synthetic.SINGLE)
+    tasks.prepare("synthetic", tmp_path, config=config)
+    examples = tasks.load_split("synthetic", "train", tmp_path, config=config)
+    expected = synthetic.generate("shape", "train", 2, layout=synthetic.SINGLE)
+    for example, want in zip(examples, expected, strict=True):
+        assert example["answer"] == want["answer"]
+        np.testing.assert_array_equal(example["images"][0], want["image"])
+    # The shipped single-shape configs are named after their task.
+    builder = tasks.get_builder("synthetic/colour_single", tmp_path)
+    assert builder.builder_config.layout == synthetic.SINGLE
+
+
 def test_prepared_dataset_is_reused_unless_overwritten(tmp_path, llamafactory_dir):
     assert tasks.prepare("pope", tmp_path, llamafactory_dir)
     assert tasks.prepare("pope", tmp_path, llamafactory_dir) == {}
@@ -333,7 +347,8 @@ def test_reader_is_a_random_access_source(tmp_path, llamafactory_dir):
 
 def test_names_and_errors(tmp_path):
     assert tasks.get_builder("scienceqa", tmp_path).name == "cpt_scienceqa"
-    assert tasks.expand("synthetic") == [f"cpt_synthetic/{name}" for name in synthetic.TASKS]
+    assert tasks.expand("synthetic") == [f"cpt_synthetic/{name}" for name in synthetic.TASKS] + [
+        f"cpt_synthetic/{name}_single" for name in synthetic.SINGLE_TASKS]
     assert tasks.expand("cpt_pope") == ["cpt_pope"]
     with pytest.raises(KeyError, match="unknown dataset 'coco'"):
         tasks.get_builder("coco", tmp_path)

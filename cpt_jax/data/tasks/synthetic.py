@@ -22,6 +22,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     test_size: int = 200
     image_size: int = 56
     seed: int = 0
+    layout: synthetic.Layout = synthetic.Layout()
 
 
 class CptSynthetic(base.TaskBuilder):
@@ -32,6 +33,11 @@ class CptSynthetic(base.TaskBuilder):
     BUILDER_CONFIGS = [
         SyntheticConfig(name=task.name, task=task.name, description=f"{task.kind} task {task.name!r}")
         for task in synthetic.TASKS.values()
+    ] + [
+        # One shape filling the image: the CPU demo's tasks, which a tiny model reads within minutes.
+        SyntheticConfig(name=f"{name}_single", task=name, layout=synthetic.SINGLE,
+                        description=f"task {name!r} on scenes of one shape")
+        for name in synthetic.SINGLE_TASKS
     ]
 
     def _split_generators(self, dl_manager):
@@ -44,7 +50,7 @@ class CptSynthetic(base.TaskBuilder):
         config = self.builder_config
         for start in range(0, n, _CHUNK):
             yield from synthetic.generate(config.task, split, min(_CHUNK, n - start), config.seed,
-                                          config.image_size, start=start)
+                                          config.image_size, start=start, layout=config.layout)
 
     def _convert(self, record, example_id):
         images = [] if record["image"] is None else [record["image"]]
