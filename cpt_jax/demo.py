@@ -33,6 +33,7 @@ from cpt_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special
 from cpt_jax.eval.report import write_report
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, save_hf_checkpoint
 from cpt_jax.train.config import default_config
+from cpt_jax.train.continual import METHOD_TABLE, ContinualRun
 from cpt_jax.train.optimizer import OptimizerConfig, make_optimizer
 from cpt_jax.train.sft import make_sft_step
 from cpt_jax.train.state import check_finite, create_train_state
@@ -69,7 +70,7 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.data.max_eval_examples = 32 if quick else 64
     c.optim.weight_decay = 0.0
     # SFT at 1e-3 learns a new task in ~60 steps; RFT's on-policy updates break the answer format at that rate.
-    c.optim.learning_rate = 1e-3 if method in ("sft", "multitask_sft") else 3e-4
+    c.optim.learning_rate = 1e-3 if METHOD_TABLE[method].kind == "sft" else 3e-4
     c.optim.schedule = "constant"
     c.schedule.epochs = (4,) * len(TASKS)
     c.sft.batch_size = 16
@@ -133,7 +134,7 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
     model = Qwen2_5_VL(config, rngs=nnx.Rngs(seed))
     cfg = demo_config()
     # The new tasks' training splits are the continual stages' data too, so the base sees other examples of them.
-    sources = {name: tasks.Subset(src, range(len(src) - 512, len(src))) for name in (*GENERAL, *TASKS)
+    sources = {name: tasks.Subset(src, range(max(0, len(src) - 512), len(src))) for name in (*GENERAL, *TASKS)
                for src in [tasks.load_split(f"synthetic/{name}", "train", data_dir)]}
     weights = {name: NEW_TASK_WEIGHT if name in TASKS else 1.0 for name in sources}
     loader = Loader(sources, mode="sft", tokenizer=tokenizer, config=config, batch_size=cfg.sft.batch_size,
@@ -166,8 +167,6 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
 def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_steps: int | None = None,
         adjust=None) -> dict:
     """Runs the demo; `pretrain_steps` and `adjust(config)` (edits each method's config) shrink it for tests."""
-    from cpt_jax.train.continual import ContinualRun
-
     started = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -194,6 +193,5 @@ def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_ste
 def register(subparsers):
     parser = subparsers.add_parser("demo", help="synthetic tasks + tiny model on CPU: SFT vs RFT forgetting")
     parser.add_argument("--workdir", default="cpt_demo", help="where data, the base model and results go")
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller data and fewer steps")
+    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
     parser.set_defaults(func=lambda args: run(args.workdir, args.quick) and 0)
