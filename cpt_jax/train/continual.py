@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -82,6 +83,12 @@ def _as_dict(batch_struct) -> dict:
 
 def _to_jsonable(x):
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def example_key(rng, example_id: str):
+    """`rng` folded with an example id: the same in every process and every run (crc32, not Python's `hash`,
+    which is salted per process), so RIF's rollouts and kept ids reproduce."""
+    return jax.random.fold_in(rng, zlib.crc32(example_id.encode()) % (2**31))
 
 
 class ContinualRun:
@@ -445,7 +452,7 @@ class ContinualRun:
                 yield ids, batch.host.answers, batch
 
         def rollout(batch):
-            out = generate_for_batch(model, batch, rng=jax.random.fold_in(rng, hash(batch.host.ids[0]) % (2 ** 31)),
+            out = generate_for_batch(model, batch, rng=example_key(rng, batch.host.ids[0]),
                                      max_new_tokens=self.rft_config.max_new_tokens, temperature=cfg.rif.temperature,
                                      top_p=self.rft_config.top_p, num_samples=n, eos_token_ids=self.eos_ids,
                                      pad_token_id=self.pad_id, length_buckets=self.buckets.lengths,

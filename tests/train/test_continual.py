@@ -192,3 +192,19 @@ def test_two_processes_run_the_loop_on_one_global_mesh(method, assets, tmp_path)
     summary = json.loads((tmp_path / "run" / "results" / "summary.json").read_text())
     assert summary["accuracy_matrix"] == results[0]["accuracy_matrix"]
     assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_rif_rollout_keys_do_not_depend_on_the_process_hash_salt():
+    # RIF's rollouts are keyed by example id; Python salts str hashes per process, so a hash-based key made each
+    # run keep different items. Two interpreters with different salts must derive the same key.
+    code = ("import jax; from cpt_jax.train.continual import example_key; "
+            "print(jax.random.key_data(example_key(jax.random.key(3), 'colour_single-train-0-17')).tolist())")
+    keys = [subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": salt,
+                                                                "JAX_PLATFORMS": "cpu"},
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            for salt in ("1", "2")]
+    assert keys[0] == keys[1]
+    from cpt_jax.train.continual import example_key
+    a, b = (jax.random.key_data(example_key(jax.random.key(3), i)) for i in ("x-0", "x-1"))
+    assert not np.array_equal(a, b)
+
