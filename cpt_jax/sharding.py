@@ -15,9 +15,11 @@ Multi-host is plain multi-controller JAX: every process runs the same program on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -110,6 +112,34 @@ def maybe_initialize_distributed(switch: bool, **kwargs) -> None:
     """
     if switch and not jax.distributed.is_initialized():
         jax.distributed.initialize(**kwargs)
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str | os.PathLike | None):
+    """XLA's persistent compilation cache in `path` while the block runs (`None` or "": unchanged).
+
+    Programs are keyed by their HLO, so runs that build the same steps again (the demo's four methods, a resumed
+    run, the next launch) load them instead of compiling; every program is cached, however fast it compiled. The
+    previous settings come back on exit.
+    """
+    if not path or jax.config.jax_compilation_cache_dir == os.fspath(path):
+        yield
+        return
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    os.makedirs(path, exist_ok=True)
+    for name, value in zip(names, (os.fspath(path), 0.0, 0)):
+        jax.config.update(name, value)
+    cache.reset_cache()  # the cache object is built once per process from the settings of its first use
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        cache.reset_cache()
 
 
 def is_main_process() -> bool:

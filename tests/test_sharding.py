@@ -238,3 +238,19 @@ def test_two_processes_give_the_numbers_of_one(single_device):
             assert two[kind][key] == pytest.approx(value, rel=1e-5, abs=1e-5), (kind, key)
         for path, value in one[f"{kind}_params"].items():
             np.testing.assert_allclose(two[f"{kind}_params"][path], value, **TOL, err_msg=f"{kind} {path}")
+
+
+def test_compilation_cache_stores_programs_and_restores_the_settings(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    cache_dir = tmp_path / "jax_cache"
+    with sharding.compilation_cache(cache_dir):
+        assert jax.config.jax_compilation_cache_dir == str(cache_dir)
+        # A program compiled nowhere else in the suite, so this compile writes an entry.
+        jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x) * 3.0 - x)(jnp.ones((3, 5, 7))))
+        entries = list(cache_dir.iterdir())
+        with sharding.compilation_cache(cache_dir):  # nested on the same directory: unchanged
+            assert jax.config.jax_compilation_cache_dir == str(cache_dir)
+    assert entries, "the compiled program was not written to the cache"
+    assert jax.config.jax_compilation_cache_dir == before
+    with sharding.compilation_cache(""):
+        assert jax.config.jax_compilation_cache_dir == before

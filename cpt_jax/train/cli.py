@@ -73,12 +73,14 @@ def _train(args):
 
 
 def _eval(args):
+    from cpt_jax import sharding
     from cpt_jax.train.continual import ContinualRun
 
     config = load_config(args.config, args.overrides)
     run = ContinualRun(config, args.workdir)
     params = run.latest_params()
-    accuracies = run.evaluate_tasks(params, run.tasks + run.general, seed=config.seed + 3)
+    with sharding.compilation_cache(config.compilation_cache_dir):
+        accuracies = run.evaluate_tasks(params, run.tasks + run.general, seed=config.seed + 3)
     print(json.dumps(accuracies, indent=2))
     return 0
 

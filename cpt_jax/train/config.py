@@ -122,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed = False  # jax.distributed.initialize() at start (multi-host; automatic on Cloud TPU VMs)
 
     c.log_every = 10
+    c.compilation_cache_dir = ""  # XLA's persistent compilation cache ("" = off); reruns load compiled steps
     c.aot_topology = ""  # the smallest TPU slice this config fits on, e.g. "v5p:2x2x1" (`cpt-jax aot`)
     c.lock()
     return c
