@@ -52,6 +52,7 @@ def group_reward_stats(rewards, accuracies, group_size: int, *, correct_threshol
     }
 
 
+@jax.jit  # one program, not one dispatch per leaf
 def tree_sq_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 

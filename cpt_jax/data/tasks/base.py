@@ -464,6 +464,7 @@ class ExampleSource(Sequence):
 
     def __init__(self, data_source):
         self._data_source = data_source
+        self._ids = None
 
     def __len__(self):
         return len(self._data_source)
@@ -484,8 +485,10 @@ class ExampleSource(Sequence):
             yield self[index]
 
     def ids(self) -> list[str]:
-        """Every example's id, without decoding images."""
-        return [self._data_source[i]["id"].decode() for i in range(len(self))]
+        """Every example's id, without decoding images (read once: subsets and RIF ask for them repeatedly)."""
+        if self._ids is None:
+            self._ids = [self._data_source[i]["id"].decode() for i in range(len(self))]
+        return list(self._ids)
 
 
 class Subset(Sequence):
