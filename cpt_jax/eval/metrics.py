@@ -110,7 +110,7 @@ def plasticity(accuracy_matrix):
 
 
 def _check_general(scores, name):
-    """General-benchmark scores as {benchmark: fraction}; None means none were evaluated."""
+    """Scores as {benchmark or task: fraction}; None means none were evaluated."""
     if scores is None:
         return {}
     if not isinstance(scores, Mapping):
@@ -136,7 +136,8 @@ def _jsonable(value):
     return value
 
 
-def summarize(method, tasks, accuracy_matrix, general_before=None, general_after=None, diagnostics=None):
+def summarize(method, tasks, accuracy_matrix, general_before=None, general_after=None, diagnostics=None,
+              initial=None):
     """The results summary of one continual run, in the `DIR/results/summary.json` schema.
 
     Args:
@@ -145,10 +146,11 @@ def summarize(method, tasks, accuracy_matrix, general_before=None, general_after
       accuracy_matrix: T x T fractions, row t = after training task t (see the module docstring).
       general_before, general_after: {benchmark: accuracy} on held-out general tasks before and after the sequence.
       diagnostics: free-form training diagnostics (e.g. per-step "reward_var", "zero_var_frac", "risk_ratio").
+      initial: {task: accuracy} of the initial model on the sequence's tasks, so plasticity reads as a gain.
 
     Returns:
       A JSON-serialisable dict with keys method, tasks, accuracy_matrix, AA, FM, FM_max, BWT, plasticity,
-      general {before, after} and diagnostics.
+      general {before, after}, diagnostics and initial ({} when not given).
     """
     if not isinstance(method, str) or not method:
         raise ValueError(f"method must be a non-empty string, got {method!r}")
@@ -162,6 +164,10 @@ def summarize(method, tasks, accuracy_matrix, general_before=None, general_after
         )
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"task names {list(tasks)} repeat; give each task of the sequence a distinct name")
+    initial = _check_general(initial, "initial")
+    if set(initial) - set(tasks):
+        raise ValueError(f"initial has accuracies of {sorted(set(initial) - set(tasks))}, which are not among the "
+                         f"tasks {list(tasks)}")
     if diagnostics is not None and not isinstance(diagnostics, Mapping):
         raise TypeError(f"diagnostics must be a dict, got {type(diagnostics).__name__}")
     rows = [[None if math.isnan(value) else value for value in row] for row in matrix_TxT.tolist()]
@@ -179,4 +185,5 @@ def summarize(method, tasks, accuracy_matrix, general_before=None, general_after
             "after": _check_general(general_after, "general_after"),
         },
         "diagnostics": _jsonable(diagnostics or {}),
+        "initial": initial,
     }

@@ -104,12 +104,13 @@ def _summary_table(summaries):
     for summary in summaries.values():
         for phase in ("before", "after"):
             benchmarks += [b for b in summary["general"].get(phase, {}) if b not in benchmarks]
-    header = ["method", "AA", "FM", "FM_max", "BWT", "plasticity (mean)"]
+    header = ["method", "AA", "FM", "FM_max", "BWT", "plasticity (mean)", "gain (mean)"]
     header += [f"{benchmark} before → after" for benchmark in benchmarks]
     rows = []
     for name, summary in summaries.items():
         row = [name] + [_pct(summary[key]) for key in ("AA", "FM", "FM_max", "BWT")]
         row.append(_pct(float(np.mean(summary["plasticity"]))))
+        row.append(_pct(mean_gain(summary)))
         general = summary["general"]
         for benchmark in benchmarks:
             before = general.get("before", {}).get(benchmark)
@@ -154,8 +155,24 @@ def _diagnostics_table(summaries):
     )
 
 
+def mean_gain(summary):
+    """Mean over tasks of A[k][k] minus the initial model's accuracy on task k: what a method learned. None when
+    the summary has no initial accuracies (runs before they were recorded)."""
+    initial = summary.get("initial") or {}
+    if not all(task in initial for task in summary["tasks"]):
+        return None
+    return float(np.mean([p - initial[task] for p, task in zip(summary["plasticity"], summary["tasks"])]))
+
+
+# Mean gains further apart than this make the forgetting comparison one between methods that learned unequally;
+# a method whose mean gain is below MIN_GAIN has not learned its tasks, and so has little to forget.
+GAIN_GAP = 0.05
+MIN_GAIN = 0.05
+
+
 def _comparison_sentence(summaries):
-    """The plain-language SFT vs RFT forgetting comparison, whichever way it came out."""
+    """The plain-language SFT vs RFT forgetting comparison, whichever way it came out, and whether the two learned
+    their new tasks comparably (forgetting less is no merit in a method that learned less)."""
     if "sft" not in summaries or "rft" not in summaries:
         return None
     fm_rft, fm_sft = summaries["rft"]["FM"], summaries["sft"]["FM"]
@@ -164,7 +181,19 @@ def _comparison_sentence(summaries):
     else:
         # FM is signed: closer to zero, or positive, means earlier tasks kept more of their accuracy.
         verdict = "less than" if fm_rft > fm_sft else "more than"
-    return f"In this run RFT forgot {verdict} SFT (FM {_pct(fm_rft)} vs {_pct(fm_sft)})."
+    sentence = f"In this run RFT forgot {verdict} SFT (FM {_pct(fm_rft)} vs {_pct(fm_sft)})."
+    gain_rft, gain_sft = mean_gain(summaries["rft"]), mean_gain(summaries["sft"])
+    if gain_rft is None or gain_sft is None:
+        return sentence + " The runs did not record the initial accuracies, so how much each learned is unknown."
+    learned = f"On their new tasks RFT gained {_pct(gain_rft)} points and SFT {_pct(gain_sft)} over the initial model"
+    if max(gain_rft, gain_sft) < MIN_GAIN:
+        return (f"{sentence} {learned}: neither learned its new tasks (mean gain under {_pct(MIN_GAIN)} points), so "
+                "this run cannot say which method forgets less.")
+    if abs(gain_rft - gain_sft) > GAIN_GAP:
+        more = "RFT" if gain_rft > gain_sft else "SFT"
+        return (f"{sentence} {learned}: {more} learned more, so the methods are not equally plastic here and the "
+                "forgetting comparison is not a fair verdict.")
+    return f"{sentence} {learned}, comparable plasticity (within {_pct(GAIN_GAP)} points)."
 
 
 def _save(fig, path):

@@ -3,8 +3,9 @@ forgetting.
 
 Per task (a "stage"): (RIF filtering for rif_rft) -> training from the previous stage's weights with a fresh
 optimizer -> generation-based evaluation of every task learned so far -> checkpoint. The general benchmarks are
-evaluated on the initial model and after the last stage. Multi-task baselines have one stage on the mixture of all
-tasks; their accuracy matrix repeats that single evaluation in every row, so their FM is 0 by construction.
+evaluated on the initial model and after the last stage, the sequence's tasks on the initial model too (where
+each task starts). Multi-task baselines have one stage on the mixture of all tasks; their accuracy matrix repeats
+that single evaluation in every row, so their FM is 0 by construction.
 
 Resume order: the latest checkpoint in WORKDIR (exactly where it stopped: stage, step, params, optimizer, rng, data
 iterator, RIF kept ids, accuracy matrix), else the initial model of the config. Running the same command on the same
@@ -146,6 +147,7 @@ class ContinualRun:
         self.diagnostics = diag.DiagnosticsWriter(os.path.join(self.workdir, "results", "diagnostics.jsonl"),
                                                   enabled=config.diagnostics.enabled and jax.process_index() == 0)
         self._sources: dict[tuple[str, str], Any] = {}
+        self._fisher_cache: dict[tuple, list] = {}
         # Built once so every stage reuses the compiled programs.
         self.learner = RFTLearner(self.graphdef, self.rft_config, max_response_length=self.rft_config.max_new_tokens,
                                   layout=self.layout)
@@ -422,6 +424,12 @@ class ContinualRun:
         return out
 
     def _fisher_examples(self, tasks, n):
+        key = (tuple(tasks), n)  # the same held-out examples at every diagnostic step of a stage
+        if key not in self._fisher_cache:
+            self._fisher_cache[key] = self._load_fisher_examples(tasks, n)
+        return self._fisher_cache[key]
+
+    def _load_fisher_examples(self, tasks, n):
         per = max(1, n // len(tasks))
         sources = {t: Subset(self.source(t, self.config.data.eval_split),
                              range(min(per, len(self.source(t, self.config.data.eval_split))))) for t in tasks}
@@ -476,15 +484,23 @@ class ContinualRun:
     # --- the loop --------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Runs (or resumes) every stage and returns the summary (also written to `workdir/results`)."""
+        with sharding.compilation_cache(self.config.compilation_cache_dir):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         loop = {"stage": 0, "step_in_stage": 0, "global_step": 0, "accuracy_matrix": [], "general_before": None,
-                "general_after": None, "iterator": None, "in_stage": False}
+                "general_after": None, "initial": None, "iterator": None, "in_stage": False}
         params, ref_params = self.base_params, self.base_params
         resume_state = None
         if self.checkpointer.latest_step() is not None:
             params, ref_params, resume_state, loop = self._resume()
         if loop["general_before"] is None and self.general:
             loop["general_before"] = self.evaluate_tasks(params, self.general, seed=cfg.seed + 1)
+        if loop.get("initial") is None:
+            # Where each task starts, so plasticity reads as what a method learned rather than what it kept.
+            loop["initial"] = self.evaluate_tasks(self.base_params, self.tasks, seed=cfg.seed + 3)
         for stage in range(loop["stage"], len(self.stages)):
             task, epochs = self.stages[stage]
             loop["stage"] = stage
@@ -516,7 +532,7 @@ class ContinualRun:
         if "rif_kept_fraction" in loop:
             diagnostics["rif_kept_fraction"] = loop["rif_kept_fraction"]
         summary = summarize(cfg.method, self.tasks, loop["accuracy_matrix"], loop["general_before"],
-                            loop["general_after"], diagnostics)
+                            loop["general_after"], diagnostics, initial=loop["initial"])
         if sharding.is_main_process():
             results = os.path.join(self.workdir, "results")
             os.makedirs(results, exist_ok=True)

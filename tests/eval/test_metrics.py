@@ -84,11 +84,14 @@ def test_invalid_matrices_name_the_bad_entry(matrix, error, match):
 def test_summarize_follows_the_results_schema():
     diagnostics = {"reward_var": np.array([0.25, np.nan, 0.1], np.float32), "steps": np.int64(2)}
     summary = metrics.summarize(
-        "rft", ["a", "b", "c", "d"], A4, {"mmmu": 0.5}, {"mmmu": 0.45, "pope": 0.9}, diagnostics
+        "rft", ["a", "b", "c", "d"], A4, {"mmmu": 0.5}, {"mmmu": 0.45, "pope": 0.9}, diagnostics,
+        initial={"a": 0.25, "c": np.float32(0.5)},
     )
     assert list(summary) == [
-        "method", "tasks", "accuracy_matrix", "AA", "FM", "FM_max", "BWT", "plasticity", "general", "diagnostics"
+        "method", "tasks", "accuracy_matrix", "AA", "FM", "FM_max", "BWT", "plasticity", "general", "diagnostics",
+        "initial",
     ]
+    assert summary["initial"] == {"a": 0.25, "c": 0.5}
     assert summary["method"] == "rft"
     assert summary["tasks"] == ["a", "b", "c", "d"]
     assert summary["accuracy_matrix"] == A4
@@ -107,6 +110,7 @@ def test_summarize_turns_nan_upper_triangle_into_none():
     assert summary["accuracy_matrix"] == [[0.5, None], [0.25, 0.75]]
     assert summary["general"] == {"before": {}, "after": {}}
     assert summary["diagnostics"] == {}
+    assert summary["initial"] == {}
 
 
 @pytest.mark.parametrize(
@@ -119,6 +123,8 @@ def test_summarize_turns_nan_upper_triangle_into_none():
         ({"general_after": {"mmmu": 54.2}}, ValueError, r"general_after\['mmmu'\] = 54.2 .*percentage"),
         ({"general_before": [0.5]}, TypeError, "general_before must map benchmark names"),
         ({"diagnostics": [0.1]}, TypeError, "diagnostics must be a dict"),
+        ({"initial": {"a": 0.5, "z": 0.5}}, ValueError, r"initial has accuracies of \['z'\], which are not"),
+        ({"initial": {"a": 50.0}}, ValueError, r"initial\['a'\] = 50.0 .*percentage"),
     ],
 )
 def test_summarize_rejects_bad_inputs(kwargs, error, match):

@@ -22,12 +22,16 @@ RFT_DIAGNOSTICS = {
 }
 
 
-def _sft():
-    return summarize("sft", TASKS, SFT_MATRIX, {"mmmu": 0.52}, {"mmmu": 0.401})
+# The initial model's accuracies: SFT's mean gain is (0.8 + 0.9 + 0.7)/3 - 0.3 = 50 points, RFT's 45.
+INITIAL = {"count": 0.2, "colour": 0.4, "shape": 0.3}
 
 
-def _rft(matrix=RFT_MATRIX, diagnostics=RFT_DIAGNOSTICS):
-    return summarize("rft", TASKS, matrix, {"mmmu": 0.52}, {"mmmu": 0.542}, diagnostics)
+def _sft(initial=INITIAL):
+    return summarize("sft", TASKS, SFT_MATRIX, {"mmmu": 0.52}, {"mmmu": 0.401}, initial=initial)
+
+
+def _rft(matrix=RFT_MATRIX, diagnostics=RFT_DIAGNOSTICS, initial=INITIAL):
+    return summarize("rft", TASKS, matrix, {"mmmu": 0.52}, {"mmmu": 0.542}, diagnostics, initial=initial)
 
 
 def _write(path, contents):
@@ -52,10 +56,11 @@ def test_per_method_runs_render_tables_plots_and_the_comparison(tmp_path):
 
     assert report == tmp_path / "report.md"
     text = report.read_text()
-    assert "In this run RFT forgot less than SFT (FM -5.0 vs -40.0)." in text
-    # Summary rows: AA, FM, FM_max, BWT, mean plasticity, general before -> after (in %).
-    assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | 52.0 → 40.1 |" in text
-    assert "| rft | 71.7 | -5.0 | -5.0 | -5.0 | 75.0 | 52.0 → 54.2 |" in text
+    assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). On their new tasks RFT gained 45.0 points "
+            "and SFT 50.0 over the initial model, comparable plasticity (within 5.0 points).") in text
+    # Summary rows: AA, FM, FM_max, BWT, mean plasticity, mean gain, general before -> after (in %).
+    assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | 50.0 | 52.0 → 40.1 |" in text
+    assert "| rft | 71.7 | -5.0 | -5.0 | -5.0 | 75.0 | 45.0 | 52.0 → 54.2 |" in text
     # Diagnostics: scalars as recorded, per-step series as their mean over the recorded steps.
     assert "| rft | 0.1333 | 0.4 | 0.6 | 0.625 |" in text
     # Accuracy matrix rows, untrained entries as dashes.
@@ -73,9 +78,34 @@ def test_comparison_reports_the_outcome_whichever_way_it_goes(tmp_path):
 
     text = write_report(tmp_path).read_text()
 
-    assert "In this run RFT forgot more than SFT (FM -75.0 vs -40.0)." in text
+    assert ("In this run RFT forgot more than SFT (FM -75.0 vs -40.0). On their new tasks RFT gained 60.0 points "
+            "and SFT 50.0 over the initial model: RFT learned more, so the methods are not equally plastic here and "
+            "the forgetting comparison is not a fair verdict.") in text
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy_matrix.png", "task_accuracy.png"]
     assert "Training diagnostics" not in text
+
+
+def test_when_neither_method_learned_the_comparison_says_so(tmp_path):
+    # Initial accuracies a little under each diagonal entry: mean gains of 3 (SFT) and 2 (RFT) points.
+    sft = _sft(initial={"count": 0.77, "colour": 0.87, "shape": 0.67})
+    rft = _rft(initial={"count": 0.73, "colour": 0.83, "shape": 0.63})
+    _write(tmp_path / "summary.json", {"methods": {"sft": sft, "rft": rft}})
+
+    text = write_report(tmp_path).read_text()
+
+    assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). On their new tasks RFT gained 2.0 points and "
+            "SFT 3.0 over the initial model: neither learned its new tasks (mean gain under 5.0 points), so this run "
+            "cannot say which method forgets less.") in text
+
+
+def test_without_initial_accuracies_the_comparison_says_learning_is_unknown(tmp_path):
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(None), "rft": _rft(initial=None)}})
+
+    text = write_report(tmp_path).read_text()
+
+    assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). The runs did not record the initial "
+            "accuracies, so how much each learned is unknown.") in text
+    assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | – | 52.0 → 40.1 |" in text
 
 
 def test_single_run_workdir(tmp_path):
