@@ -7,7 +7,7 @@ new tasks, evaluates, and writes `DIR/summary.json` and `DIR/report.md` with plo
 
 The tasks use scenes of one shape filling a 56-pixel image (`synthetic.SINGLE`): four merged vision tokens, which
 the 2-layer model learns to read in about a hundred steps (on the suite's 3x3 scenes it stays at chance for
-thousands), and a plain prompt, which keeps sequences under 72 tokens.
+thousands), and a plain prompt, which keeps the new tasks' prompts under 56 tokens and SFT examples under 72.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ DEMO_METHODS = ("sft", "rft", "rif_rft", "multitask_sft")
 TASKS = ("colour_single", "size_single", "shape_single", "existence_single")
 GENERAL = ("arithmetic", "choice_single")
 # How often the pretraining mixture draws a new task relative to a general one: enough to learn the answer words,
-# too little to learn the skill, so each new task starts near chance as the paper's tasks start low.
+# meant to be too little to learn the skill, so each new task starts low as the paper's tasks do (measured on the
+# default base: colour 36%, size 55%, shape 23%, existence 47%; chance 20, 50, 25, 50).
 NEW_TASK_WEIGHT = 0.1
 # SFT learns the answer layout the reward reads (the paper's RFT format), so both methods are scored alike.
 COT_TARGET = "<think> the answer is {answer} </think> \\boxed{{{answer}}}"

@@ -109,7 +109,7 @@ def plasticity(accuracy_matrix):
     return np.diag(as_accuracy_matrix(accuracy_matrix)).tolist()
 
 
-def _check_general(scores, name):
+def _check_scores(scores, name):
     """Scores as {benchmark or task: fraction}; None means none were evaluated."""
     if scores is None:
         return {}
@@ -164,7 +164,7 @@ def summarize(method, tasks, accuracy_matrix, general_before=None, general_after
         )
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"task names {list(tasks)} repeat; give each task of the sequence a distinct name")
-    initial = _check_general(initial, "initial")
+    initial = _check_scores(initial, "initial")
     if set(initial) - set(tasks):
         raise ValueError(f"initial has accuracies of {sorted(set(initial) - set(tasks))}, which are not among the "
                          f"tasks {list(tasks)}")
@@ -181,8 +181,8 @@ def summarize(method, tasks, accuracy_matrix, general_before=None, general_after
         "BWT": backward_transfer(matrix_TxT),
         "plasticity": plasticity(matrix_TxT),
         "general": {
-            "before": _check_general(general_before, "general_before"),
-            "after": _check_general(general_after, "general_after"),
+            "before": _check_scores(general_before, "general_before"),
+            "after": _check_scores(general_after, "general_after"),
         },
         "diagnostics": _jsonable(diagnostics or {}),
         "initial": initial,

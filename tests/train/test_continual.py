@@ -72,10 +72,14 @@ def test_every_method_runs_a_two_task_sequence(method, assets, tmp_path):
     config = tiny_config(method, assets)
     if method == "rif_rft":
         config.rft.reward = "test_length_parity"
-    summary = ContinualRun(config, tmp_path).run()
+    run = ContinualRun(config, tmp_path)
+    summary = run.run()
     written = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert summary["method"] == method and summary["tasks"] == list(TASKS)
+    if method == "sft":  # where each task starts: the initial model's accuracy, evaluated as the stages are
+        assert summary["initial"] == run.evaluate_tasks(run.base_params, run.tasks, seed=config.seed + 3)
+    assert set(summary["initial"]) == set(TASKS)
     matrix = np.array(summary["accuracy_matrix"], dtype=float)
     assert matrix.shape == (2, 2)
     assert np.all((matrix[np.tril_indices(2)] >= 0) & (matrix[np.tril_indices(2)] <= 1))
