@@ -171,6 +171,7 @@ BATCH_FIELDS: dict[str, tuple[str | None, ...]] = {
     "response_mask": ("act_batch", "act_length"),
     "old_logprobs": ("act_batch", "act_length"),
     "ref_logprobs": ("act_batch", "act_length"),
+    "sampler_logprobs": ("act_batch", "act_length"),
     "advantages": ("act_batch",),
     "row_weight": ("act_batch",),
     # rollouts: the KV cache and the samples (models/qwen2_5_vl/model.py, rl/sampling.py)

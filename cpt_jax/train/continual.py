@@ -325,6 +325,8 @@ class ContinualRun:
         optimizer = self._optimizer(iterations * updates_per_iteration)
         state, iterator, start = self._start_stage(stage, params, optimizer, loader, loop, resume_state)
         learner = self.learner
+        # One update per rollout batch and one PPO epoch: every micro-batch is used by the parameters that sampled it.
+        on_policy = rc.ppo_epochs == 1 and rc.micro_batches_per_update >= cfg.rft.rollout_batches
         for it in tqdm(range(start, iterations), desc=f"rft {task}", initial=start, total=iterations, unit="iter"):
             batches = []
             for _ in range(cfg.rft.rollout_batches):
@@ -354,15 +356,15 @@ class ContinualRun:
                 prompts = _as_dict(batch.device)
                 prompts.pop("valid")
                 prompts["attention_mask"] = prompt_attention_mask(batch)
-                mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards)
+                mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards,
+                                     on_policy=on_policy, sampler_logprobs=out.logprobs if on_policy else None)
                 if j == 0:
                     first_rewards = rewards
-                # The sampler's log-probs join the global batch, so the gap is computed on device without
-                # waiting for the trainer's log-probs.
                 extra = sharding.global_batch({"row_weight": valid.astype(np.float32), "logprobs": out.logprobs},
                                               self.layout)
                 mb["row_weight"] = extra["row_weight"]
-                gaps.append(self._sampler_gap(mb["old_logprobs"], extra["logprobs"], mb["response_mask"]))
+                if not on_policy:  # on-policy, the update reports the gap from the log-probs it computes anyway
+                    gaps.append(self._sampler_gap(mb["old_logprobs"], extra["logprobs"], mb["response_mask"]))
                 micro.append(mb)
                 keep = np.flatnonzero(valid)
                 scores_all += [scores[i] for i in keep]
@@ -370,7 +372,8 @@ class ContinualRun:
                 overall.append(rewards[keep])
                 lengths.append(np.asarray(out.lengths)[keep])
             group = diag.group_reward_stats(np.concatenate(overall), np.concatenate(accuracies), rc.num_samples)
-            rollout = rollout_metrics(scores_all, np.concatenate(lengths), float(np.mean(jax.device_get(gaps))))
+            rollout = rollout_metrics(scores_all, np.concatenate(lengths),
+                                      float(np.mean(jax.device_get(gaps))) if gaps else None)
             if cfg.diagnostics.enabled and cfg.diagnostics.gradient_every and \
                     it % cfg.diagnostics.gradient_every == 0:
                 group.update(self.gradient_diagnostics(learner, state.params, micro[0], first_rewards, batches[0],

@@ -102,12 +102,18 @@ def rft_loss(graphdef, params, batch, config: RFTConfig, *, max_response_length:
     """
     logp, entropy = response_logprobs(graphdef, params, batch, config.temperature)
     mask = batch["response_mask"].astype(jnp.float32) * batch["row_weight"][:, None]
+    # An on-policy micro-batch (see `RFTLearner.prepare`) has no old log-probs: the parameters being differentiated
+    # sampled it, so the policy's own log-probs without gradient are the old ones and the ratio is exactly 1.
+    old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp)
     policy, metrics = policy_loss_sums(
-        logp, batch["old_logprobs"], batch["advantages"], mask, clip_low=config.clip_low,
+        logp, old, batch["advantages"], mask, clip_low=config.clip_low,
         clip_high=config.clip_high, dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
         agg=config.loss_agg, max_response_length=max_response_length)
     total = policy.total
     metrics = dict(metrics, entropy=SumCount(jnp.sum(entropy * mask), jnp.sum(mask)))
+    if "sampler_logprobs" in batch:
+        metrics["sampler_logprob_gap"] = SumCount(jnp.sum(jnp.abs(logp - batch["sampler_logprobs"]) * mask),
+                                                  jnp.sum(mask))
     if config.use_kl:
         kl = kl_loss_sums(logp, batch["ref_logprobs"], mask, config.kl_estimator, config.loss_agg,
                           max_response_length=max_response_length)
@@ -173,19 +179,26 @@ class RFTLearner:
         return self.advantage_fn(jnp.asarray(rewards_N, jnp.float32), self.config.num_samples,
                                  **dict(self.config.advantage_options))
 
-    def prepare(self, params, ref_params, prompts: dict, tokens, lengths, rewards) -> dict:
+    def prepare(self, params, ref_params, prompts: dict, tokens, lengths, rewards, *, on_policy: bool = False,
+                sampler_logprobs=None) -> dict:
         """The update inputs of one micro-batch: response masks, advantages, old (and reference) log-probs.
 
         `prompts`, `tokens`, `lengths` and `rewards` are host arrays; with a layout, this process's rows (whole
-        groups), assembled here into the global batch.
+        groups), assembled here into the global batch. `on_policy=True` promises that the micro-batch is used once,
+        by the update that differentiates `params` (ppo_epochs 1, one update per rollout batch): the old log-probs
+        are then the loss's own (ratio 1), which saves a forward pass per micro-batch, as TRL does. With
+        `sampler_logprobs` (N, T), the update reports the mean |trainer - sampler| log-prob gap.
         """
         tokens = np.asarray(tokens)
         response_mask = (np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
         batch = dict(prompts, response=tokens, response_mask=response_mask,
                      advantages=np.asarray(self.advantages(rewards)),
                      row_weight=np.ones(tokens.shape[0], np.float32))
+        if sampler_logprobs is not None:
+            batch["sampler_logprobs"] = np.asarray(sampler_logprobs, np.float32)
         batch = jax.device_put(batch) if self.layout is None else sharding.global_batch(batch, self.layout)
-        batch["old_logprobs"] = self.logprobs(params, batch)
+        if not on_policy:
+            batch["old_logprobs"] = self.logprobs(params, batch)
         if self.config.use_kl:
             batch["ref_logprobs"] = self.logprobs(ref_params, batch)
         return batch

@@ -9,7 +9,7 @@ from flax import nnx
 from cpt_jax.models.qwen2_5_vl import get_rope_index, vision_inputs
 from cpt_jax.rl.sampling import generate
 from cpt_jax.train.optimizer import Optimizer, OptimizerConfig, make_optimizer
-from cpt_jax.train.rft import RFTConfig, RFTLearner, response_logprobs
+from cpt_jax.train.rft import RFTConfig, RFTLearner, response_logprobs, sampler_gap
 from cpt_jax.train.state import create_train_state
 from tests.models.qwen2_5_vl.reference import IMAGE, TEXT_VOCAB, VEND, VSTART
 from tests.train.test_sft import CONFIG, GRID, flat, split_model_of
@@ -75,6 +75,36 @@ def test_micro_batches_accumulate_to_one_large_batch():
     a, b = flat(state_a.params), flat(state_b.params)
     for path in a:
         np.testing.assert_allclose(a[path], b[path], atol=1e-6, rtol=1e-5, err_msg=path)
+
+
+def test_an_on_policy_micro_batch_skips_the_old_logprobs_and_updates_the_same():
+    graphdef, params = split_model_of()
+    optimizer = Optimizer(tx=optax.sgd(1.0), learning_rate=optax.constant_schedule(1.0), frozen=nnx.Nothing())
+    learner = RFTLearner(graphdef, RFTConfig(num_samples=G, kl_coef=0.1, max_new_tokens=6))
+    ref = jax.tree.map(lambda x: x * 0.9, params)
+    prompts = prompt_batch(5, 3)
+    tokens, lengths, rewards = responses(15, 3 * G)
+    sampler = np.random.default_rng(0).normal(-1.0, 0.5, tokens.shape).astype(np.float32)
+    recomputed = learner.prepare(params, ref, prompts, tokens, lengths, rewards)
+    on_policy = learner.prepare(params, ref, prompts, tokens, lengths, rewards, on_policy=True,
+                                sampler_logprobs=sampler)
+    assert "old_logprobs" not in on_policy and "old_logprobs" in recomputed
+    updated = {}
+    for name, batch in (("recomputed", recomputed), ("on_policy", on_policy)):
+        state = create_train_state(nnx.merge(graphdef, jax.tree.map(jnp.copy, params)), optimizer, 0)[1]
+        updated[name] = learner.update(state, [batch], optimizer)
+    (state_a, metrics_a), (state_b, metrics_b) = updated["recomputed"], updated["on_policy"]
+    # The loss is a near-cancelling sum of O(1) advantage-weighted ratios (0.004 here): compared to fp32 rounding of
+    # those terms (atol), since a ratio exp(logp - old) of two programs differs from exactly 1 in the last bits.
+    for key in ("loss", "grad_norm", "kl", "entropy"):
+        np.testing.assert_allclose(float(metrics_b[key]), float(metrics_a[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert float(metrics_b["grad_norm"]) > 0
+    a, b = flat(state_a.params), flat(state_b.params)
+    for path in a:
+        np.testing.assert_allclose(b[path], a[path], atol=1e-6, rtol=1e-5, err_msg=path)
+    # The gap the update reports is the one measured against recomputed old log-probs.
+    expected = sampler_gap(recomputed["old_logprobs"], sampler, recomputed["response_mask"])
+    np.testing.assert_allclose(float(metrics_b["sampler_logprob_gap"]), float(expected), rtol=1e-5)
 
 
 def test_trainer_logprobs_match_the_sampler():
