@@ -66,7 +66,8 @@ def sampling_mask(logits_RV, *, top_k: int = 0, top_p: float = 1.0):
     """Tokens (R, V) bool that sampling may pick from `logits_RV` (already divided by the temperature).
 
     Top-k keeps exactly the k largest logits (ties broken by lower token id); top-p then keeps, of the renormalised
-    remainder, the smallest most-likely set whose probability reaches `top_p`. The top token is always kept.
+    remainder, the smallest most-likely set whose probability reaches `top_p`, and with it every token as probable
+    as the least probable one kept (ties at the boundary stay together). The top token is always kept.
     """
     logits_RC, ids_RC = _candidates(logits_RV, top_k, top_p)
     rows = jnp.arange(logits_RV.shape[0])[:, None]
@@ -74,21 +75,41 @@ def sampling_mask(logits_RV, *, top_k: int = 0, top_p: float = 1.0):
 
 
 def _candidates(logits_RV, top_k: int, top_p: float):
-    """Candidate logits (R, C), -inf where masked, and their token ids; sorted by logit when k or p filters."""
-    vocab = logits_RV.shape[-1]
-    if top_k == 0 and top_p >= 1.0:
-        return logits_RV, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logits_RV.shape)
-    if top_k:
-        logits_RC, ids_RC = jax.lax.top_k(logits_RV, top_k)
-    else:  # a stable full sort: ties keep the lower token id first, as top_k does
-        iota_RV = jax.lax.broadcasted_iota(jnp.int32, logits_RV.shape, 1)
-        neg_RC, ids_RC = jax.lax.sort((-logits_RV, iota_RV), dimension=1, num_keys=1)
-        logits_RC = -neg_RC
+    """Candidate logits (R, C), -inf where masked, and their token ids: the whole vocabulary, or the top k sorted."""
+    if top_k == 0:
+        ids_RV = jax.lax.broadcasted_iota(jnp.int32, logits_RV.shape, 1)
+        return (logits_RV if top_p >= 1.0 else _nucleus(logits_RV, top_p)), ids_RV
+    logits_RC, ids_RC = jax.lax.top_k(logits_RV, top_k)
     if top_p < 1.0:
-        probs_RC = jax.nn.softmax(logits_RC, axis=-1)
-        mass_before_RC = jnp.cumsum(probs_RC, axis=-1) - probs_RC
-        logits_RC = jnp.where(mass_before_RC < top_p, logits_RC, -jnp.inf)
+        logits_RC = _nucleus(logits_RC, top_p)
     return logits_RC, ids_RC.astype(jnp.int32)
+
+
+def _nucleus(logits_RC, top_p: float):
+    """`logits_RC` with -inf outside the top-p nucleus: a token stays iff the tokens more probable than it hold less
+    than `top_p` of the probability.
+
+    That is every token at or above one probability threshold, found by bisection instead of sorting the vocabulary
+    (on CPU the sort was a third of a decode step at vocab 8192): positive float32s order like their int32 bit
+    patterns, so 31 halvings of the bit range leave `lo` and `hi` adjacent floats with mass_above(lo) >= top_p >
+    mass_above(hi); the threshold is then `hi`, a probability of the row.
+    """
+    probs_RC = jax.nn.softmax(logits_RC, axis=-1)
+
+    def mass_above(bits_R):
+        threshold_R1 = jax.lax.bitcast_convert_type(bits_R, jnp.float32)[:, None]
+        return jnp.sum(jnp.where(probs_RC > threshold_R1, probs_RC, 0.0), axis=-1)
+
+    def halve(_, bounds):
+        lo_R, hi_R = bounds
+        mid_R = lo_R + (hi_R - lo_R) // 2
+        enough_R = mass_above(mid_R) >= top_p
+        return jnp.where(enough_R, mid_R, lo_R), jnp.where(enough_R, hi_R, mid_R)
+
+    hi_R = jax.lax.bitcast_convert_type(jnp.max(probs_RC, axis=-1), jnp.int32)  # nothing is above the top token
+    lo_R, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi_R), hi_R))
+    keep_RC = probs_RC > jax.lax.bitcast_convert_type(lo_R, jnp.float32)[:, None]
+    return jnp.where(keep_RC, logits_RC, -jnp.inf)
 
 
 def _choose(logits_RV, key, cfg: _DecodeConfig):

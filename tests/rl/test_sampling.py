@@ -126,7 +126,7 @@ def _max_z(counts, probs):
     return np.max(np.abs(counts - total * probs) / (np.sqrt(total * probs * (1 - probs)) + 3 / 5))
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 40, 0.8)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 40, 0.8), (0.9, 0, 0.9)])
 def test_sampled_token_frequencies_match_the_tempered_softmax(hf_model, model, temperature, top_k, top_p):
     rows = 4096
     ids = np.array([ref.prompt(np.random.default_rng(1), [10])])
@@ -169,6 +169,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p_after_top_k(top_k, top_p, kept)
     mask = np.asarray(sampling_mask(np.log(probs)[None], top_k=top_k, top_p=top_p))[0]
     by_probability = [2, 1, 4, 0, 3]  # ties: lower id first
     np.testing.assert_array_equal(mask, np.isin(np.arange(5), by_probability[:kept]))
+
+
+def test_top_p_keeps_ties_at_the_boundary_together():
+    probs = np.array([0.4, 0.2, 0.2, 0.1, 0.1])
+    for top_p, kept in ((0.5, [1, 1, 1, 0, 0]), (0.7, [1, 1, 1, 0, 0]), (0.85, [1, 1, 1, 1, 1])):
+        mask = np.asarray(sampling_mask(np.log(probs)[None], top_p=top_p))[0]
+        np.testing.assert_array_equal(mask, kept, err_msg=f"top_p={top_p}")
+
+
+def test_top_p_equals_the_nucleus_of_a_sorted_vocabulary():
+    """Against numpy: sort descending, keep a token while the mass before it is < p (no ties in random logits)."""
+    rng = np.random.default_rng(7)
+    logits = np.concatenate([rng.normal(0, s, (4, 8192)) for s in (0.5, 2.0, 6.0)]).astype(np.float32)
+    for top_p in (0.1, 0.5, 0.9, 0.99, 0.999):
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, 1)
+        before = np.cumsum(sorted_probs, 1) - sorted_probs
+        expected = np.zeros_like(probs, bool)
+        np.put_along_axis(expected, order, before < top_p, 1)
+        mask = np.asarray(sampling_mask(logits, top_p=top_p))
+        # fp32 softmax and summation order may move a token whose mass-before sits within rounding of p.
+        close = np.zeros_like(probs, bool)
+        np.put_along_axis(close, order, np.abs(before - top_p) < 1e-5, 1)
+        np.testing.assert_array_equal(mask[~close], expected[~close], err_msg=f"top_p={top_p}")
+        assert 1 < mask.sum(1).max() and mask.sum(1).min() >= 1
 
 
 def test_compilations_stay_fixed_within_buckets(model, prompts):
