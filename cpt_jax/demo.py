@@ -79,7 +79,7 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.optim.schedule = "constant"
     # --quick trades RFT's epochs and the gradient diagnostics (their programs' compilation alone is ~15 s) for its
     # 3-minute budget; the group reward statistics stay.
-    c.schedule.epochs = ((2 if quick else 4) if sft else (2 if quick else 8),) * len(TASKS)
+    c.schedule.epochs = ((2 if quick else 4) if sft else (1 if quick else 8),) * len(TASKS)
     c.sft.batch_size = 16
     c.rft.prompt_batch_size = 8
     c.rft.rollout_batches = 2
@@ -183,7 +183,7 @@ def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_ste
     cache_dir = os.path.join(workdir, "jax_cache")
     with sharding.compilation_cache(cache_dir):
         tok_dir, data_dir = build_assets(workdir)
-        steps = pretrain_steps if pretrain_steps is not None else (250 if quick else 800)
+        steps = pretrain_steps if pretrain_steps is not None else (150 if quick else 800)
         base_dir = pretrain_base(workdir, tok_dir, data_dir, steps=steps)
         summaries = {}
         for method in methods:

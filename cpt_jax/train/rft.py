@@ -195,7 +195,7 @@ class RFTLearner:
                      advantages=np.asarray(self.advantages(rewards)),
                      row_weight=np.ones(tokens.shape[0], np.float32))
         if sampler_logprobs is not None:
-            batch["sampler_logprobs"] = np.asarray(sampler_logprobs, np.float32)
+            batch["sampler_logprobs"] = sampler_logprobs  # may stay on device: no wait for the sampler here
         batch = jax.device_put(batch) if self.layout is None else sharding.global_batch(batch, self.layout)
         if not on_policy:
             batch["old_logprobs"] = self.logprobs(params, batch)
