@@ -44,7 +44,7 @@ from cpt_jax.train.checkpoint import Checkpointer
 from cpt_jax.train.config import METHODS
 from cpt_jax.train.logging import MetricLogger
 from cpt_jax.train.optimizer import OptimizerConfig, make_optimizer
-from cpt_jax.train.rft import RFTConfig, RFTLearner, rollout_metrics, sampler_gap
+from cpt_jax.train.rft import RFTConfig, RFTLearner, rollout_metrics
 from cpt_jax.train.sft import make_sft_step, sft_loss, stack_micro_batches
 from cpt_jax.train.state import TrainState, cast_floating, check_finite, create_train_state
 
@@ -159,7 +159,6 @@ class ContinualRun:
 
         self._nll_grad = jax.jit(jax.grad(lambda params, example: sft_loss(graphdef, params, example)[0]))
         self._sft_grad = jax.jit(jax.grad(sft_mean))
-        self._sampler_gap = jax.jit(sampler_gap)
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -338,7 +337,7 @@ class ContinualRun:
                 break
             rng, sample_rng = jax.random.split(state.rng)
             state = state.replace(rng=rng)
-            micro, scores_all, accuracies, overall, lengths, gaps = [], [], [], [], [], []
+            micro, scores_all, accuracies, overall, lengths = [], [], [], [], []
             model = self.sampler_model(state.params)
             for j, batch in enumerate(batches):
                 batch = loader.align(batch)
@@ -356,15 +355,13 @@ class ContinualRun:
                 prompts = _as_dict(batch.device)
                 prompts.pop("valid")
                 prompts["attention_mask"] = prompt_attention_mask(batch)
+                # The update reports the sampler-vs-trainer gap from the sampler's log-probs (left on device).
                 mb = learner.prepare(state.params, ref_params, prompts, out.tokens, out.lengths, rewards,
-                                     on_policy=on_policy, sampler_logprobs=out.logprobs if on_policy else None)
+                                     on_policy=on_policy, sampler_logprobs=out.logprobs)
                 if j == 0:
                     first_rewards = rewards
-                extra = sharding.global_batch({"row_weight": valid.astype(np.float32), "logprobs": out.logprobs},
-                                              self.layout)
-                mb["row_weight"] = extra["row_weight"]
-                if not on_policy:  # on-policy, the update reports the gap from the log-probs it computes anyway
-                    gaps.append(self._sampler_gap(mb["old_logprobs"], extra["logprobs"], mb["response_mask"]))
+                mb["row_weight"] = sharding.global_batch({"row_weight": valid.astype(np.float32)},
+                                                         self.layout)["row_weight"]
                 micro.append(mb)
                 keep = np.flatnonzero(valid)
                 scores_all += [scores[i] for i in keep]
@@ -372,8 +369,7 @@ class ContinualRun:
                 overall.append(rewards[keep])
                 lengths.append(np.asarray(out.lengths)[keep])
             group = diag.group_reward_stats(np.concatenate(overall), np.concatenate(accuracies), rc.num_samples)
-            rollout = rollout_metrics(scores_all, np.concatenate(lengths),
-                                      float(np.mean(jax.device_get(gaps))) if gaps else None)
+            rollout = rollout_metrics(scores_all, np.concatenate(lengths))
             if cfg.diagnostics.enabled and cfg.diagnostics.gradient_every and \
                     it % cfg.diagnostics.gradient_every == 0:
                 group.update(self.gradient_diagnostics(learner, state.params, micro[0], first_rewards, batches[0],

@@ -4,6 +4,8 @@ One RFT iteration (DESIGN.md, "data flow of one RFT step"):
   prompt batches --generate (prefill once per prompt, G samples share it)--> tokens, sampler log-probs
   --host: decode, reward--> rewards --device: advantages by group--> old (and reference) log-probs recomputed
   by the trainer --ppo_epochs x mini-batches x micro-batches--> exact token-weighted gradient --> AdamW update.
+When every micro-batch feeds exactly one update (ppo_epochs 1, one update per rollout batch), the old log-probs are
+not recomputed: the loss's own, without gradient, are the same numbers (`RFTLearner.prepare(on_policy=True)`).
 
 A micro-batch is one prompt batch from the pipeline with its G samples per prompt. The prompt (with its image) is
 embedded once and its embeddings repeated over the G samples, so the vision tower runs once per prompt in training
@@ -112,7 +114,8 @@ def rft_loss(graphdef, params, batch, config: RFTConfig, *, max_response_length:
     total = policy.total
     metrics = dict(metrics, entropy=SumCount(jnp.sum(entropy * mask), jnp.sum(mask)))
     if "sampler_logprobs" in batch:
-        metrics["sampler_logprob_gap"] = SumCount(jnp.sum(jnp.abs(logp - batch["sampler_logprobs"]) * mask),
+        # The old log-probs come from the parameters that sampled: ~0 unless the two code paths disagree numerically.
+        metrics["sampler_logprob_gap"] = SumCount(jnp.sum(jnp.abs(old - batch["sampler_logprobs"]) * mask),
                                                   jnp.sum(mask))
     if config.use_kl:
         kl = kl_loss_sums(logp, batch["ref_logprobs"], mask, config.kl_estimator, config.loss_agg,
@@ -187,7 +190,7 @@ class RFTLearner:
         groups), assembled here into the global batch. `on_policy=True` promises that the micro-batch is used once,
         by the update that differentiates `params` (ppo_epochs 1, one update per rollout batch): the old log-probs
         are then the loss's own (ratio 1), which saves a forward pass per micro-batch, as TRL does. With
-        `sampler_logprobs` (N, T), the update reports the mean |trainer - sampler| log-prob gap.
+        `sampler_logprobs` (N, T), the update reports the mean |old - sampler| log-prob gap (`sampler_logprob_gap`).
         """
         tokens = np.asarray(tokens)
         response_mask = (np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
@@ -216,20 +219,11 @@ class RFTLearner:
         return state, metrics
 
 
-def rollout_metrics(scores: Sequence[dict], lengths, tokens_logprob_gap=None) -> dict[str, float]:
+def rollout_metrics(scores: Sequence[dict], lengths) -> dict[str, float]:
     """Host-side rollout metrics: reward mean/std, accuracy, format rate, response length."""
     overall = np.array([s["overall"] for s in scores])
     out = {"reward_mean": float(overall.mean()), "reward_std": float(overall.std()),
            "accuracy": float(np.mean([s["accuracy"] for s in scores])),
            "format_rate": float(np.mean([s["format"] for s in scores])),
            "response_length": float(np.mean(lengths))}
-    if tokens_logprob_gap is not None:
-        out["sampler_logprob_gap"] = float(tokens_logprob_gap)
     return out
-
-
-def sampler_gap(old_logprobs, sampler_logprobs, response_mask) -> jax.Array:
-    """Mean |trainer - sampler| log-prob over response tokens: ~0 unless the two paths disagree numerically."""
-    mask = response_mask.astype(jnp.float32)
-    return jnp.sum(jnp.abs(old_logprobs - sampler_logprobs) * mask) / jnp.maximum(mask.sum(), 1.0)
-
