@@ -4,7 +4,9 @@ The environment variables must be set before jax is imported anywhere, so they l
 root conftest, which pytest imports before any test module.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -16,8 +18,11 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Many tests build the same tiny programs in fresh closures (one per run or model); a per-session persistent
-# compilation cache turns the repeats into cache hits.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cpt_jax_xla_cache_"))
+# compilation cache turns the repeats into cache hits. It is removed at exit (subprocess tests share it, and end
+# before the session does).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cpt_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

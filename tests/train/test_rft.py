@@ -9,7 +9,8 @@ from flax import nnx
 from cpt_jax.models.qwen2_5_vl import get_rope_index, vision_inputs
 from cpt_jax.rl.sampling import generate
 from cpt_jax.train.optimizer import Optimizer, OptimizerConfig, make_optimizer
-from cpt_jax.train.rft import RFTConfig, RFTLearner, response_logprobs
+from cpt_jax.models.qwen2_5_vl.model import causal_mask
+from cpt_jax.train.rft import RFTConfig, RFTLearner, response_logprobs, response_positions
 from cpt_jax.train.state import create_train_state
 from tests.models.qwen2_5_vl.reference import IMAGE, TEXT_VOCAB, VEND, VSTART
 from tests.train.test_sft import CONFIG, GRID, flat, split_model_of
@@ -107,6 +108,43 @@ def test_an_on_policy_micro_batch_skips_the_old_logprobs_and_updates_the_same():
     expected = np.sum(np.abs(np.asarray(recomputed["old_logprobs"]) - sampler) * mask) / mask.sum()
     for metrics in (metrics_a, metrics_b):
         np.testing.assert_allclose(float(metrics["sampler_logprob_gap"]), expected, rtol=1e-5)
+
+
+def test_each_prompt_runs_once_for_its_samples_with_the_result_of_full_rows():
+    """Response log-probs with each prompt's keys/values shared by its samples equal those of running every
+    [prompt, response] row through the model, and so do their gradients (O(1) weights, ragged prompts and lengths)."""
+    graphdef, params = split_model_of(seed=2)
+    params = jax.tree.map(lambda x: x if jnp.all(x > 0.5) else 6.0 * x, params)  # norm scales stay ~1, weights ~N(0, 0.6)
+    prompts = prompt_batch(7, 3)
+    tokens, lengths, _ = responses(17, 3 * G)
+    mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    batch = dict(prompts, response=tokens, response_mask=mask)
+    weights = np.random.default_rng(3).normal(size=tokens.shape).astype(np.float32) * mask
+
+    def full_rows(params):
+        model = nnx.merge(graphdef, params)
+        lp, t = prompts["input_ids"].shape[1], tokens.shape[1]
+        x = jnp.concatenate([jnp.repeat(model.embed(prompts["input_ids"], prompts["vision"]), G, axis=0),
+                             model.language_model.embed(tokens)], axis=1)
+        attention = np.concatenate([np.repeat(prompts["attention_mask"], G, axis=0), mask], axis=1)
+        positions = jnp.concatenate([jnp.repeat(prompts["position_ids"], G, axis=1),
+                                     response_positions(prompts["position_ids"], G, t)], axis=2)
+        h, _ = model.language_model(x, positions, causal_mask(attention))
+        logits = model.logits(h[:, lp - 1:-1])
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+
+    def shared(params):
+        return response_logprobs(graphdef, params, batch, 1.0)[0]
+
+    expected, got = np.asarray(full_rows(params)) * mask, np.asarray(shared(params)) * mask
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    grad_expected = flat(jax.grad(lambda p: jnp.sum(full_rows(p) * weights))(params))
+    grad_got = flat(jax.grad(lambda p: jnp.sum(shared(p) * weights))(params))
+    for path in grad_expected:
+        scale = np.abs(grad_expected[path]).max()
+        np.testing.assert_allclose(grad_got[path], grad_expected[path], atol=1e-5 * max(scale, 1.0), rtol=1e-4,
+                                   err_msg=path)
 
 
 def test_trainer_logprobs_match_the_sampler():

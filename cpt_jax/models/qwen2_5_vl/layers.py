@@ -142,6 +142,30 @@ def attention_output(p_BKRLS, v_BSKD):
     return o.reshape(b, l, kv * r, v_BSKD.shape[-1])
 
 
+def prefix_attention(q_NTHD, k_NTKD, v_NTKD, k_BSKD, v_BSKD, prefix_mask_BS, self_mask_NTT):
+    """New tokens attending to a shared prefix and to each other, without copying the prefix per row.
+
+    Row n of the N = B*g new-token rows continues prefix row n // g: the g rows of a group (a prompt's samples, or
+    g=1 in cached decoding) read one prefix k/v (B, S, K, Dh) whose gradient sums over them. One fp32 softmax over
+    [prefix slots, new tokens]; `self_mask_NTT` (N, T, T) says which new tokens each new token sees.
+    """
+    n, t, h, dh = q_NTHD.shape
+    b, _, kv, _ = k_BSKD.shape
+    g, r = n // b, h // kv
+    q = q_NTHD.reshape(b, g, t, kv, r, dh)
+    k_self, v_self = (x.reshape(b, g, t, kv, dh) for x in (k_NTKD, v_NTKD))
+    scale = 1.0 / math.sqrt(dh)
+    s_prefix = jnp.einsum("bgtkrd,bskd->bkrgts", q, k_BSKD, preferred_element_type=jnp.float32) * scale
+    s_self = jnp.einsum("bgtkrd,bgukd->bkrgtu", q, k_self, preferred_element_type=jnp.float32) * scale
+    s = k_BSKD.shape[1]
+    mask = jnp.concatenate([jnp.broadcast_to(prefix_mask_BS[:, None, None, :], (b, g, t, s)),
+                            self_mask_NTT.reshape(b, g, t, t)], -1)[:, None, None]
+    p = masked_softmax(jnp.concatenate([s_prefix, s_self], -1), mask).astype(v_BSKD.dtype)
+    o = (jnp.einsum("bkrgts,bskd->bgtkrd", p[..., :s], v_BSKD)
+         + jnp.einsum("bkrgtu,bgukd->bgtkrd", p[..., s:], v_self))
+    return o.reshape(n, t, h, dh)
+
+
 @register_attention("xla")
 def xla_attention(q_BLHD, k_BSKD, v_BSKD, mask):
     """Plain XLA attention: explicit scores, fp32 softmax, cast to the value dtype before the value product."""

@@ -154,7 +154,8 @@ class Qwen2_5_VL(nnx.Module):
     def decode_step(self, tokens_B, cache: KVCache):
         """Feeds one token per row; returns logits (B, V) and the advanced cache."""
         x = self.language_model.embed(tokens_B[:, None])
-        h, (k_new, v_new) = self.language_model.decode(x, cache.positions[:, :, None], cache.k, cache.v, cache.mask)
+        h, (k_new, v_new) = self.language_model.extend(x, cache.positions[:, :, None], cache.k, cache.v, cache.mask,
+                                                       jnp.ones((x.shape[0], 1, 1), bool))
         at = (0, 0, cache.index, 0, 0)
         cache = cache.replace(
             k=constrain(jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at), ACT_LBSKD),

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax.models.qwen2_5_vl.config import TextConfig
-from cpt_jax.models.qwen2_5_vl.layers import (ACT_BLD, Linear, RMSNorm, SwiGLU, apply_rotary, attention_output,
-                                              attention_scores, constrain, get_attention, masked_softmax, param,
-                                              scan_layers, stacked)
+from cpt_jax.models.qwen2_5_vl.layers import (ACT_BLD, Linear, RMSNorm, SwiGLU, apply_rotary, constrain,
+                                              get_attention, param, prefix_attention, scan_layers, stacked)
 
 
 def mrope(position_ids_3BL, config: TextConfig, dtype):
@@ -56,16 +55,10 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x_BLD, cos, sin)
         return self.o_proj(get_attention(self.attention)(q, k, v, mask_BLS)), (k, v)
 
-    def decode(self, x_B1D, cos, sin, k_BSKD, v_BSKD, mask_BS):
-        """One new token against a cache: one softmax over [cache slots, the token itself]; the cache is not copied."""
-        q, k, v = self.qkv(x_B1D, cos, sin)
-        s_cache = attention_scores(q, k_BSKD)
-        s_self = attention_scores(q, k)
-        s = jnp.concatenate([s_cache, s_self], -1)
-        mask = jnp.concatenate([mask_BS, jnp.ones_like(mask_BS[:, :1])], -1)[:, None, None, None]
-        p = masked_softmax(s, mask)
-        o = attention_output(p[..., :-1], v_BSKD) + attention_output(p[..., -1:], v)
-        return self.o_proj(o), (k, v)
+    def extend(self, x_NTD, cos, sin, k_BSKD, v_BSKD, prefix_mask_BS, self_mask_NTT):
+        """New tokens against a prefix's k/v (see `prefix_attention`); the prefix is neither copied nor repeated."""
+        q, k, v = self.qkv(x_NTD, cos, sin)
+        return self.o_proj(prefix_attention(q, k, v, k_BSKD, v_BSKD, prefix_mask_BS, self_mask_NTT)), (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -81,8 +74,8 @@ class DecoderLayer(nnx.Module):
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
-    def decode(self, x, cos, sin, k_cache, v_cache, mask):
-        a, kv = self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, mask)
+    def extend(self, x, cos, sin, k_prefix, v_prefix, prefix_mask, self_mask):
+        a, kv = self.self_attn.extend(self.input_layernorm(x), cos, sin, k_prefix, v_prefix, prefix_mask, self_mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -116,12 +109,15 @@ class TextDecoder(nnx.Module):
         x, kv = scan_layers(self.layers, body, x_BLD, carry_axes=ACT_BLD, remat=self.remat)
         return self.norm(x), kv
 
-    def decode(self, x_B1D, position_ids_3B1, k_cache, v_cache, mask_BS):
-        """One token per row against the cache (Ly, B, S, K, Dh). Returns hidden (B, 1, D) and the new k, v."""
-        cos, sin = mrope(position_ids_3B1, self.config, self.dtype)
+    def extend(self, x_NTD, position_ids_3NT, k_prefix, v_prefix, prefix_mask_BS, self_mask_NTT, *,
+               remat: str = "none"):
+        """T new tokens per row after a prefix whose k/v (Ly, B, S, K, Dh) every group of N // B rows shares: one
+        token against the cache in decoding (N = B, T = 1), a prompt's sampled responses in RFT (T = response
+        length). `self_mask_NTT` says which new tokens each one sees. Returns hidden (N, T, D) and the new k, v."""
+        cos, sin = mrope(position_ids_3NT, self.config, self.dtype)
 
         def body(layer, x, kv):
-            return layer.decode(x, cos, sin, kv[0], kv[1], mask_BS)
+            return layer.extend(x, cos, sin, kv[0], kv[1], prefix_mask_BS, self_mask_NTT)
 
-        x, kv = scan_layers(self.layers, body, x_B1D, (k_cache, v_cache), carry_axes=ACT_BLD)
+        x, kv = scan_layers(self.layers, body, x_NTD, (k_prefix, v_prefix), carry_axes=ACT_BLD, remat=remat)
         return self.norm(x), kv
