@@ -7,7 +7,9 @@ right-padded batch with one image per row and the loss on the answer tokens, fp3
 attention. Each side takes one warm-up step (ours includes compilation, reported as `jax_compile_s`), then
 `timed_runs` steps. Both first-step losses are reported, as a check that the two sides compute the same thing.
 The RFT update (`RFTLearner.update`: policy log-probs, PPO-clip + KL loss, backward, AdamW) is timed on G samples
-of each prompt. MFU = analytic model FLOPs of a step / step time / the measured matmul peak.
+of each prompt. MFU = analytic model FLOPs of a step / step time / the measured matmul peak. The step's text matmuls
+are also timed alone (jnp and torch, same shapes): the SFT ratio cannot exceed the reference step's time over the
+time of our matmuls by themselves (`ratio_bound_at_our_matmuls`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def jax_rft(config, size: common.Size) -> dict:
         state, metrics = learner.update(state, [batch], optimizer)
         float(metrics["loss"])
         times.append(time.perf_counter() - start)
-    flops = 3 * common.forward_flops(model, rows, ids.shape[1] + size.rft_response, size.rft_prompts, size.grid)
+    flops = 3 * common.rft_forward_flops(model, size.rft_prompts, ids.shape[1], size.rft_samples, size.rft_response,
+                                         size.grid)
     return {"rft_prompts": size.rft_prompts, "rft_samples": size.rft_samples, "rft_response": size.rft_response,
             "rft_prompt_length": int(ids.shape[1]), "rft_prepare_first_s": prepare_first_s,
             "rft_update_first_s": times[0], "rft_update_s": times[1:],
@@ -160,6 +163,12 @@ def run(size: common.Size, argv: list[str]) -> dict:
         reference_first_loss=theirs["first_loss"])
     result["limits"].update(model_flops_per_step=flops, jax_mfu=flops / jax_s / peak,
                             reference_mfu=flops / ref_s / peak)
+    # What the step's text matmuls cost alone: the SFT ratio cannot pass reference step / our matmuls' time.
+    floor = common.matmul_floor(common.text_matmuls(model, size.batch * size.sft_length))
+    result["limits"].update(floor, matmul_share_of_flops=floor["matmul_flops"] / flops,
+                            jax_matmul_share_of_step=floor["jax_matmul_s"] / jax_s,
+                            reference_matmul_share_of_step=floor["torch_matmul_s"] / ref_s,
+                            ratio_bound_at_our_matmuls=ref_s / floor["jax_matmul_s"])
     rft = jax_rft(config, size)
     result.update(rft)
     result["limits"]["rft_mfu"] = rft["rft_model_flops"] / rft["rft_update_median_s"] / peak
@@ -169,7 +178,8 @@ def run(size: common.Size, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     return common.main(run, "benchmarks/bench_train.py", __doc__.splitlines()[0],
                        ("jax_tokens_per_s", "reference_tokens_per_s", "ratio", "jax_compile_s", "rft_update_median_s"),
-                       ("matmul_peak_flops", "jax_mfu", "reference_mfu"), argv=argv)
+                       ("matmul_peak_flops", "jax_mfu", "reference_mfu", "jax_matmul_s", "torch_matmul_s",
+                        "ratio_bound_at_our_matmuls"), argv=argv)
 
 if __name__ == "__main__":
     main()

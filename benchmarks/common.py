@@ -209,6 +209,67 @@ def forward_flops(model: Qwen2_5_VL, rows: int, length: int, images: int, grid) 
     return float(flops)
 
 
+def rft_forward_flops(model: Qwen2_5_VL, prompts: int, prompt_length: int, samples: int, response_length: int,
+                      grid) -> float:
+    """Analytic forward FLOPs of the RFT log-probs as `response_logprobs` computes them: each prompt (and image)
+    once, without logits, then its samples' responses, with logits, attending to the prompt and to themselves."""
+    shapes = param_shapes(model)
+    text = model.config.text
+    lm_head = int(np.prod(shapes["lm_head/value"]))
+    rows = prompts * samples
+    flops = forward_flops(model, prompts, prompt_length, prompts, grid) - 2 * prompts * prompt_length * lm_head
+    flops += 2 * rows * response_length * (_matmul_params(shapes, "language_model") + lm_head)
+    flops += 2 * rows * text.hidden_size * text.num_hidden_layers * (
+        2 * prompt_length * response_length + response_length**2)
+    return float(flops)
+
+
+def text_matmuls(model: Qwen2_5_VL, tokens: int) -> list[tuple[str, int, int, int, int]]:
+    """The text decoder's weight matmuls of one training step on `tokens` tokens, as (kind, m, k, n, count):
+    per layer the q/k/v/o and MLP projections and once the lm_head, each as its forward x @ W, input gradient
+    dy @ W^T and weight gradient x^T @ dy. Attention's score/value products and the vision tower are not in it."""
+    text = model.config.text
+    d, dh = text.hidden_size, text.head_dim
+    projections = [(d, text.num_attention_heads * dh), (d, text.num_key_value_heads * dh),
+                   (d, text.num_key_value_heads * dh), (text.num_attention_heads * dh, d),
+                   (d, text.intermediate_size), (d, text.intermediate_size), (text.intermediate_size, d)]
+    out = []
+    for (k, n), count in [(p, text.num_hidden_layers) for p in projections] + [((d, text.vocab_size), 1)]:
+        out += [("x@W", tokens, k, n, count), ("dy@W^T", tokens, n, k, count), ("x^T@dy", k, tokens, n, count)]
+    return out
+
+
+def matmul_floor(matmuls, runs: int = PROBE_RUNS) -> dict:
+    """Seconds the step's matmuls take alone, each timed as one jitted jnp op (best of `runs`) and with torch, so
+    a step time can be set against what its matmuls cost on this machine by themselves."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    jax_s = torch_s = flops = 0.0
+    ops = {"x@W": (lambda a, b: a @ b, lambda a, b: a @ b),
+           "dy@W^T": (lambda a, b: a @ b.T, lambda a, b: a @ b.t()),
+           "x^T@dy": (lambda a, b: a.T @ b, lambda a, b: a.t() @ b)}
+    for kind, m, k, n, count in matmuls:
+        a_shape = (m, k) if kind != "x^T@dy" else (k, m)
+        b_shape = (k, n) if kind == "x@W" else ((n, k) if kind == "dy@W^T" else (k, n))
+        a, b = (rng.standard_normal(shape, np.float32) for shape in (a_shape, b_shape))
+        jax_op, torch_op = ops[kind]
+        fn = jax.jit(jax_op)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        _, times = timed(lambda: fn(ja, jb), runs)
+        jax_s += count * min(times)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        torch_op(ta, tb)
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            torch_op(ta, tb)
+            best = min(best, time.perf_counter() - start)
+        torch_s += count * best
+        flops += count * 2.0 * m * k * n
+    return {"matmul_flops": flops, "jax_matmul_s": jax_s, "torch_matmul_s": torch_s}
+
+
 def decode_bytes_per_step(model: Qwen2_5_VL, rows: int, cache_size: int) -> float:
     """Bytes one decode step must read at least: every text weight but the embedding table (one row per token) and
     the whole fixed-size KV cache, fp32."""

@@ -44,6 +44,18 @@ def test_benchmarks_run_and_write_their_fields(tmp_path):
     np.testing.assert_allclose(train["jax_first_loss"], train["reference_first_loss"], rtol=1e-5)
     assert train["limits"]["model_flops_per_step"] > 6 * train["params"]["text"] * TINY.batch * TINY.sft_length / 2
     assert 0 < train["limits"]["jax_mfu"] < 1 and train["rft_update_median_s"] > 0
+    # The matmuls timed alone are the step's text matmuls: 3 per weight and token (x W, dy W^T, x^T dy), 2 FLOPs each.
+    model = common.build_model(common.model_config(TINY))
+    shapes = common.param_shapes(model)
+    weights = int(np.prod(shapes["lm_head/value"])) + sum(
+        int(np.prod(v)) for k, v in shapes.items() if k.startswith("language_model") and k.endswith("kernel/value"))
+    assert train["limits"]["matmul_flops"] == 6.0 * weights * TINY.batch * TINY.sft_length
+    assert train["limits"]["jax_matmul_s"] > 0 and train["limits"]["torch_matmul_s"] > 0
+    # The RFT update runs each prompt once for its samples: fewer FLOPs than as many full [prompt, response] rows.
+    rows = train["rft_prompts"] * train["rft_samples"]
+    full_rows = 3 * common.forward_flops(model, rows, train["rft_prompt_length"] + train["rft_response"],
+                                         train["rft_prompts"], TINY.grid)
+    assert 0 < train["rft_model_flops"] < full_rows
 
 
 class CountTraces:
