@@ -117,7 +117,6 @@ def test_each_prompt_runs_once_for_its_samples_with_the_result_of_full_rows():
     # O(1) weights, N(0, 0.6); the norm scales (all near 1) stay.
     params = jax.tree.map(lambda x: x if jnp.all(x > 0.5) else 6.0 * x, params)
     prompts = prompt_batch(7, 3)
-    prompts["vision"] = jax.tree.map(jnp.asarray, prompts["vision"])  # indexed by traced values under jit
     tokens, lengths, _ = responses(17, 3 * G)
     mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
     batch = dict(prompts, response=tokens, response_mask=mask)

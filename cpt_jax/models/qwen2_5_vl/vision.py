@@ -206,8 +206,9 @@ class VisionTower(nnx.Module):
         merged = self.merger(self.encode(inputs))
         # Real merged tokens first, in image order. One batch already ends in its padding; a global batch joins the
         # blocks of several processes, each ending in its own (`cpt_jax.sharding.global_batch`).
-        is_pad = inputs.frame_seg[inputs.unpermute * self.config.merge_unit] < 0
-        return merged[inputs.unpermute[jnp.argsort(is_pad, stable=True)]]
+        unpermute = jnp.asarray(inputs.unpermute)  # host (numpy) inputs too: indexed by a traced order below
+        is_pad = jnp.asarray(inputs.frame_seg)[unpermute * self.config.merge_unit] < 0
+        return merged[unpermute[jnp.argsort(is_pad, stable=True)]]
 
 
 def merged_count(grid_thw, config: VisionConfig) -> int:
