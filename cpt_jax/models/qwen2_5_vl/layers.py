@@ -60,7 +60,7 @@ class RMSNorm(nnx.Module):
 
 # XLA:CPU runs a dot with the contracted axis minor-most in both operands. JAX's transpose rule computes a kernel's
 # gradient as dy^T x, so for a widening layer (q/k/v, gate, up: out > in) it transposes the large dy, a strided copy
-# fused with the elementwise backward that took 40% of the 40m SFT step. `_einsum` picks the transposed operand by
+# fused with the elementwise backward, a quarter of the 40m SFT step. `_einsum` picks the transposed operand by
 # size: x^T dy when the layer widens, dy^T x otherwise. Under a remat policy the plain einsum stays: a custom VJP
 # hides its dots from `checkpoint_dots`-style policies, which would then recompute them.
 _UNDER_REMAT = contextvars.ContextVar("cpt_jax_under_remat", default=False)
