@@ -89,11 +89,13 @@ def _tiny_config(hf_dir):
 
 @pytest.mark.tpu
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]')")
-def test_every_program_compiles_for_a_tpu_topology(tmp_path):
+@pytest.mark.parametrize("remat", ["full", "none"])  # "none" differentiates through Linear's own VJP
+def test_every_program_compiles_for_a_tpu_topology(tmp_path, remat):
     (tmp_path / "config.json").write_text(json.dumps(programs.tiny_config().to_hf()))
     devices, chip, hbm, _ = aot.topology_devices("v5e:2x2")
     assert (len(devices), chip, hbm) == (4, "v5e", 16)
     config = _tiny_config(tmp_path)
+    config.model.remat = remat
     mesh = sharding.mesh_from_config(config.mesh, devices)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
     reports = {r.program: r for r in aot.compile_programs(config, mesh, aot.PROGRAMS)}
