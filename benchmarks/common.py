@@ -151,17 +151,23 @@ def matmul_peak_flops(n: int, runs: int = PROBE_RUNS) -> float:
     return 2 * n**3 / min(times)
 
 
+def torch_best_s(fn: Callable[[], object], runs: int) -> float:
+    """Best seconds of `runs` calls of a torch `fn` after one warm-up call (torch runs eagerly: no waiting needed)."""
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def torch_matmul_flops(n: int, runs: int = PROBE_RUNS) -> float:
     """The same measurement with torch, to tell a backend difference from a model-code difference."""
     import torch
 
     a = torch.randn(n, n)
-    times = []
-    for _ in range(runs + 1):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times[1:])
+    return 2 * n**3 / torch_best_s(lambda: a @ a, runs)
 
 
 def memory_bandwidth(nbytes: int, runs: int = PROBE_RUNS) -> float:
@@ -225,9 +231,10 @@ def rft_forward_flops(model: Qwen2_5_VL, prompts: int, prompt_length: int, sampl
 
 
 def text_matmuls(model: Qwen2_5_VL, tokens: int) -> list[tuple[str, int, int, int, int]]:
-    """The text decoder's weight matmuls of one training step on `tokens` tokens, as (kind, m, k, n, count):
-    per layer the q/k/v/o and MLP projections and once the lm_head, each as its forward x @ W, input gradient
-    dy @ W^T and weight gradient x^T @ dy. Attention's score/value products and the vision tower are not in it."""
+    """The text decoder's weight matmuls of one training step on `tokens` tokens, as (kind, m, k, n, count), each an
+    (m, k) x (k, n) product: per layer the q/k/v/o and MLP projections and once the lm_head, each as its forward
+    x @ W, input gradient dy @ W^T and weight gradient x^T @ dy. Attention's score/value products and the vision
+    tower are not in it."""
     text = model.config.text
     d, dh = text.hidden_size, text.head_dim
     projections = [(d, text.num_attention_heads * dh), (d, text.num_key_value_heads * dh),
@@ -239,6 +246,14 @@ def text_matmuls(model: Qwen2_5_VL, tokens: int) -> list[tuple[str, int, int, in
     return out
 
 
+# Each kind's operands as the step holds them: x^T @ dy reads x stored (k, m), dy @ W^T reads W stored (n, k).
+_MATMUL_KINDS = {
+    "x@W": (lambda m, k, n: ((m, k), (k, n)), lambda a, b: a @ b, lambda a, b: a @ b),
+    "dy@W^T": (lambda m, k, n: ((m, k), (n, k)), lambda a, b: a @ b.T, lambda a, b: a @ b.t()),
+    "x^T@dy": (lambda m, k, n: ((k, m), (k, n)), lambda a, b: a.T @ b, lambda a, b: a.t() @ b),
+}
+
+
 def matmul_floor(matmuls, runs: int = PROBE_RUNS) -> dict:
     """Seconds the step's matmuls take alone, each timed as one jitted jnp op (best of `runs`) and with torch, so
     a step time can be set against what its matmuls cost on this machine by themselves."""
@@ -246,26 +261,13 @@ def matmul_floor(matmuls, runs: int = PROBE_RUNS) -> dict:
 
     rng = np.random.default_rng(0)
     jax_s = torch_s = flops = 0.0
-    ops = {"x@W": (lambda a, b: a @ b, lambda a, b: a @ b),
-           "dy@W^T": (lambda a, b: a @ b.T, lambda a, b: a @ b.t()),
-           "x^T@dy": (lambda a, b: a.T @ b, lambda a, b: a.t() @ b)}
     for kind, m, k, n, count in matmuls:
-        a_shape = (m, k) if kind != "x^T@dy" else (k, m)
-        b_shape = (k, n) if kind == "x@W" else ((n, k) if kind == "dy@W^T" else (k, n))
-        a, b = (rng.standard_normal(shape, np.float32) for shape in (a_shape, b_shape))
-        jax_op, torch_op = ops[kind]
-        fn = jax.jit(jax_op)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        _, times = timed(lambda: fn(ja, jb), runs)
-        jax_s += count * min(times)
+        shapes, jax_op, torch_op = _MATMUL_KINDS[kind]
+        a, b = (rng.standard_normal(shape, np.float32) for shape in shapes(m, k, n))
+        fn, ja, jb = jax.jit(jax_op), jnp.asarray(a), jnp.asarray(b)
+        jax_s += count * min(timed(lambda: fn(ja, jb), runs)[1])
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        torch_op(ta, tb)
-        best = float("inf")
-        for _ in range(runs):
-            start = time.perf_counter()
-            torch_op(ta, tb)
-            best = min(best, time.perf_counter() - start)
-        torch_s += count * best
+        torch_s += count * torch_best_s(lambda: torch_op(ta, tb), runs)
         flops += count * 2.0 * m * k * n
     return {"matmul_flops": flops, "jax_matmul_s": jax_s, "torch_matmul_s": torch_s}
 

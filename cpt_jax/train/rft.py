@@ -7,10 +7,10 @@ One RFT iteration (DESIGN.md, "data flow of one RFT step"):
 When every micro-batch feeds exactly one update (ppo_epochs 1, one update per rollout batch), the old log-probs are
 not recomputed: the loss's own, without gradient, are the same numbers (`RFTLearner.prepare(on_policy=True)`).
 
-A micro-batch is one prompt batch from the pipeline with its G samples per prompt. The prompt (with its image) is
-embedded once and its embeddings repeated over the G samples, so the vision tower runs once per prompt in training
-as in sampling, and gradients through the repeat sum over the samples. Micro-batches of one mini-batch are
-accumulated as (loss sum, count) pairs, so the update equals the one of a single large batch.
+A micro-batch is one prompt batch from the pipeline with its G samples per prompt. The prompt (with its image) runs
+through the model once and its G responses attend to its keys/values, so the prompt and the vision tower cost one
+row per prompt in training as in sampling, and gradients into the prompt sum over the samples. Micro-batches of one
+mini-batch are accumulated as (loss sum, count) pairs, so the update equals the one of a single large batch.
 
 Defaults are the paper's EasyR1 settings (reference/paper.md).
 
