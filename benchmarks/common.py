@@ -272,6 +272,24 @@ def matmul_floor(matmuls, runs: int = PROBE_RUNS) -> dict:
     return {"matmul_flops": flops, "jax_matmul_s": jax_s, "torch_matmul_s": torch_s}
 
 
+def decode_matmul_floor(model: Qwen2_5_VL, rows: int, runs: int = PROBE_RUNS) -> dict:
+    """Seconds one decode step's weight matmuls take alone: (rows, k) x (k, n) for every text kernel and the lm_head,
+    jnp (one jitted call) and torch. Each weight is its own array, as in the model, so the probe streams the bytes a
+    decode step streams; one matrix timed again and again would be served from the cache."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    shapes = [(k, n) for kind, _, k, n, count in text_matmuls(model, rows) if kind == "x@W" for _ in range(count)]
+    weights = [rng.standard_normal(shape, np.float32) for shape in shapes]
+    inputs = {k: rng.standard_normal((rows, k), np.float32) for k, _ in shapes}
+    jw, jx = [jnp.asarray(w) for w in weights], {k: jnp.asarray(x) for k, x in inputs.items()}
+    step = jax.jit(lambda xs, ws: [xs[w.shape[0]] @ w for w in ws])
+    tw, tx = [torch.from_numpy(w) for w in weights], {k: torch.from_numpy(x) for k, x in inputs.items()}
+    return {"decode_weight_bytes": 4.0 * sum(k * n for k, n in shapes),
+            "decode_jax_matmul_s": min(timed(lambda: step(jx, jw), runs)[1]),
+            "decode_torch_matmul_s": torch_best_s(lambda: [tx[w.shape[0]] @ w for w in tw], runs)}
+
+
 def decode_bytes_per_step(model: Qwen2_5_VL, rows: int, cache_size: int) -> float:
     """Bytes one decode step must read at least: every text weight but the embedding table (one row per token) and
     the whole fixed-size KV cache, fp32."""

@@ -36,7 +36,16 @@ def check_common_fields(result, path, script):
 def test_benchmarks_run_and_write_their_fields(tmp_path):
     rollout = bench_rollout.main(["--size", "tiny", "--json", str(tmp_path / "rollout.json")])
     check_common_fields(rollout, tmp_path / "rollout.json", "bench_rollout.py")
-    assert 0 < rollout["limits"]["jax_fraction_of_decode_bound"] < 1
+    limits = rollout["limits"]
+    assert 0 < limits["jax_fraction_of_decode_bound"] < 1
+    assert 0 < rollout["jax_prefill_s"] < np.median(rollout["jax_call_s"]) and rollout["jax_decode_step_s"] > 0
+    assert math.isclose(limits["ratio_bound"], limits["decode_bound_tokens_per_s"] / rollout["reference_tokens_per_s"])
+    # The decode floor streams every text kernel and the lm_head once, fp32.
+    model = common.build_model(common.model_config(TINY))
+    shapes = common.param_shapes(model)
+    weights = int(np.prod(shapes["lm_head/value"])) + sum(
+        int(np.prod(v)) for k, v in shapes.items() if k.startswith("language_model") and k.endswith("kernel/value"))
+    assert limits["decode_weight_bytes"] == 4 * weights
 
     train = bench_train.main(["--size", "tiny", "--json", str(tmp_path / "train.json")])
     check_common_fields(train, tmp_path / "train.json", "bench_train.py")
@@ -45,10 +54,6 @@ def test_benchmarks_run_and_write_their_fields(tmp_path):
     assert train["limits"]["model_flops_per_step"] > 6 * train["params"]["text"] * TINY.batch * TINY.sft_length / 2
     assert 0 < train["limits"]["jax_mfu"] < 1 and train["rft_update_median_s"] > 0
     # The matmuls timed alone are the step's text matmuls: 3 per weight and token (x W, dy W^T, x^T dy), 2 FLOPs each.
-    model = common.build_model(common.model_config(TINY))
-    shapes = common.param_shapes(model)
-    weights = int(np.prod(shapes["lm_head/value"])) + sum(
-        int(np.prod(v)) for k, v in shapes.items() if k.startswith("language_model") and k.endswith("kernel/value"))
     assert train["limits"]["matmul_flops"] == 6.0 * weights * TINY.batch * TINY.sft_length
     assert train["limits"]["jax_matmul_s"] > 0 and train["limits"]["torch_matmul_s"] > 0
     # The RFT update runs each prompt once for its samples: fewer FLOPs than as many full [prompt, response] rows.
