@@ -155,13 +155,34 @@ def _diagnostics_table(summaries):
     )
 
 
-def mean_gain(summary):
-    """Mean over tasks of A[k][k] minus the initial model's accuracy on task k: what a method learned. None when
+def task_gains(summary):
+    """{task: A[k][k] minus the initial model's accuracy on task k}: what a method learned of each task. None when
     the summary has no initial accuracies (runs before they were recorded)."""
     initial = summary.get("initial") or {}
     if not all(task in initial for task in summary["tasks"]):
         return None
-    return float(np.mean([p - initial[task] for p, task in zip(summary["plasticity"], summary["tasks"])]))
+    return {task: p - initial[task] for p, task in zip(summary["plasticity"], summary["tasks"])}
+
+
+def mean_gain(summary):
+    """The mean of `task_gains` over the sequence (None without initial accuracies)."""
+    gains = task_gains(summary)
+    return None if gains is None else float(np.mean(list(gains.values())))
+
+
+def _gain_table(summaries):
+    """A[k][k] and its gain over the initial model, per task and method: a mean can hide a task not learned."""
+    rows = {name: task_gains(summary) for name, summary in summaries.items()}
+    rows = {name: gains for name, gains in rows.items() if gains is not None}
+    if not rows:
+        return None
+    tasks = list(next(iter(summaries.values()))["tasks"])
+    cells = []
+    for name, gains in rows.items():
+        plasticity = dict(zip(summaries[name]["tasks"], summaries[name]["plasticity"]))
+        cells.append([name] + [f"{_pct(plasticity[t])} ({'+' if gains[t] >= 0 else ''}{_pct(gains[t])})"
+                               if t in gains else "–" for t in tasks])
+    return _table(["method"] + tasks, cells)
 
 
 # Mean gains further apart than this make the forgetting comparison one between methods that learned unequally;
@@ -193,7 +214,14 @@ def _comparison_sentence(summaries):
         more = "RFT" if gain_rft > gain_sft else "SFT"
         return (f"{sentence} {learned}: {more} learned more, so the methods are not equally plastic here and the "
                 "forgetting comparison is not a fair verdict.")
-    return f"{sentence} {learned}, comparable plasticity (within {_pct(GAIN_GAP)} points)."
+    verdict = f"{sentence} {learned}, comparable plasticity (within {_pct(GAIN_GAP)} points)."
+    unlearned = {name: [t for t, g in task_gains(summaries[name]).items() if g < MIN_GAIN] for name in ("sft", "rft")}
+    if any(unlearned.values()):
+        listed = "; ".join(f"{name.upper()}: {', '.join(tasks) if tasks else 'none'}"
+                           for name, tasks in unlearned.items())
+        verdict += (f" Not every task was learned, though (gain under {_pct(MIN_GAIN)} points: {listed}): on those "
+                    "tasks forgetting measures the loss of the initial model's accuracy, not of anything learned.")
+    return verdict
 
 
 def _save(fig, path):
@@ -319,6 +347,10 @@ def write_report(workdir):
     if sentence:
         sections.append(sentence)
     sections += ["## Summary", _summary_table(summaries)]
+    gains = _gain_table(summaries)
+    if gains:
+        sections += ["## Plasticity per task\n\nA[k][k] after training task k, and in brackets its gain over the "
+                     "initial model.", gains]
     diagnostics = _diagnostics_table(summaries)
     if diagnostics:
         sections += ["## Training diagnostics", diagnostics]

@@ -61,6 +61,10 @@ def test_per_method_runs_render_tables_plots_and_the_comparison(tmp_path):
     # Summary rows: AA, FM, FM_max, BWT, mean plasticity, mean gain, general before -> after (in %).
     assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | 50.0 | 52.0 → 40.1 |" in text
     assert "| rft | 71.7 | -5.0 | -5.0 | -5.0 | 75.0 | 45.0 | 52.0 → 54.2 |" in text
+    # Plasticity per task: A[k][k] and, in brackets, its gain over the initial model.
+    assert "| sft | 80.0 (+60.0) | 90.0 (+50.0) | 70.0 (+40.0) |" in text
+    assert "| rft | 75.0 (+55.0) | 85.0 (+45.0) | 65.0 (+35.0) |" in text
+    assert "Not every task was learned" not in text
     # Diagnostics: scalars as recorded, per-step series as their mean over the recorded steps.
     assert "| rft | 0.1333 | 0.4 | 0.6 | 0.625 |" in text
     # Accuracy matrix rows, untrained entries as dashes.
@@ -98,6 +102,21 @@ def test_when_neither_method_learned_the_comparison_says_so(tmp_path):
             "cannot say which method forgets less.") in text
 
 
+def test_a_task_one_method_did_not_learn_is_named_even_when_the_mean_gains_match(tmp_path):
+    # SFT gains 60, 50 and 2 points (mean 37.3); RFT 55, 45 and 15 (mean 38.3): comparable means, but SFT did not
+    # learn shape.
+    sft = _sft(initial={"count": 0.2, "colour": 0.4, "shape": 0.68})
+    rft = _rft(initial={"count": 0.2, "colour": 0.4, "shape": 0.5})
+    _write(tmp_path / "summary.json", {"methods": {"sft": sft, "rft": rft}})
+
+    text = write_report(tmp_path).read_text()
+
+    assert ("comparable plasticity (within 5.0 points). Not every task was learned, though (gain under 5.0 points: "
+            "SFT: shape; RFT: none): on those tasks forgetting measures the loss of the initial model's accuracy, not "
+            "of anything learned.") in text
+    assert "| sft | 80.0 (+60.0) | 90.0 (+50.0) | 70.0 (+2.0) |" in text
+
+
 def test_without_initial_accuracies_the_comparison_says_learning_is_unknown(tmp_path):
     _write(tmp_path / "summary.json", {"methods": {"sft": _sft(None), "rft": _rft(initial=None)}})
 
@@ -106,6 +125,7 @@ def test_without_initial_accuracies_the_comparison_says_learning_is_unknown(tmp_
     assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). The runs did not record the initial "
             "accuracies, so how much each learned is unknown.") in text
     assert "| sft | 53.3 | -40.0 | -40.0 | -40.0 | 80.0 | – | 52.0 → 40.1 |" in text
+    assert "Plasticity per task" not in text
 
 
 def test_single_run_workdir(tmp_path):
