@@ -43,7 +43,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         # torch is used only by the parity tests (transformers is the numerical reference).
-        "test": ["pytest>=9.0", "torch==2.13.0"],
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["cpt-jax=cpt_jax.cli:main"]},
 )
