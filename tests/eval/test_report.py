@@ -89,13 +89,16 @@ def test_comparison_reports_the_outcome_whichever_way_it_goes(tmp_path):
     assert "Training diagnostics" not in text
 
 
+def _report_with_initial(tmp_path, sft_initial, rft_initial):
+    """The report of the SFT and RFT summaries with these initial accuracies."""
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(sft_initial), "rft": _rft(initial=rft_initial)}})
+    return write_report(tmp_path).read_text()
+
+
 def test_when_neither_method_learned_the_comparison_says_so(tmp_path):
     # Initial accuracies a little under each diagonal entry: mean gains of 3 (SFT) and 2 (RFT) points.
-    sft = _sft(initial={"count": 0.77, "colour": 0.87, "shape": 0.67})
-    rft = _rft(initial={"count": 0.73, "colour": 0.83, "shape": 0.63})
-    _write(tmp_path / "summary.json", {"methods": {"sft": sft, "rft": rft}})
-
-    text = write_report(tmp_path).read_text()
+    text = _report_with_initial(tmp_path, {"count": 0.77, "colour": 0.87, "shape": 0.67},
+                                {"count": 0.73, "colour": 0.83, "shape": 0.63})
 
     assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). On their new tasks RFT gained 2.0 points and "
             "SFT 3.0 over the initial model: neither learned its new tasks (mean gain under 5.0 points), so this run "
@@ -105,11 +108,8 @@ def test_when_neither_method_learned_the_comparison_says_so(tmp_path):
 def test_a_task_one_method_did_not_learn_is_named_even_when_the_mean_gains_match(tmp_path):
     # SFT gains 60, 50 and 2 points (mean 37.3); RFT 55, 45 and 15 (mean 38.3): comparable means, but SFT did not
     # learn shape.
-    sft = _sft(initial={"count": 0.2, "colour": 0.4, "shape": 0.68})
-    rft = _rft(initial={"count": 0.2, "colour": 0.4, "shape": 0.5})
-    _write(tmp_path / "summary.json", {"methods": {"sft": sft, "rft": rft}})
-
-    text = write_report(tmp_path).read_text()
+    text = _report_with_initial(tmp_path, {"count": 0.2, "colour": 0.4, "shape": 0.68},
+                                {"count": 0.2, "colour": 0.4, "shape": 0.5})
 
     assert ("comparable plasticity (within 5.0 points). Not every task was learned, though (gain under 5.0 points: "
             "SFT: shape; RFT: none): on those tasks forgetting measures the loss of the initial model's accuracy, not "
@@ -118,9 +118,7 @@ def test_a_task_one_method_did_not_learn_is_named_even_when_the_mean_gains_match
 
 
 def test_without_initial_accuracies_the_comparison_says_learning_is_unknown(tmp_path):
-    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(None), "rft": _rft(initial=None)}})
-
-    text = write_report(tmp_path).read_text()
+    text = _report_with_initial(tmp_path, None, None)
 
     assert ("In this run RFT forgot less than SFT (FM -5.0 vs -40.0). The runs did not record the initial "
             "accuracies, so how much each learned is unknown.") in text
