@@ -185,8 +185,9 @@ def _gain_table(summaries):
     return _table(["method"] + tasks, cells)
 
 
-# Mean gains further apart than this make the forgetting comparison one between methods that learned unequally;
-# a method whose mean gain is below MIN_GAIN has not learned its tasks, and so has little to forget.
+# Mean gains further apart than this make the forgetting comparison one between methods that learned unequally.
+# A gain below MIN_GAIN means not learned: a method's mean (it has little to forget) or one task's (the verdict
+# names it, since forgetting on it is a loss of the initial model's accuracy).
 GAIN_GAP = 0.05
 MIN_GAIN = 0.05
 
