@@ -42,6 +42,9 @@ from cpt_jax.train.state import check_finite, create_train_state
 log = logging.getLogger(__name__)
 
 DEMO_METHODS = ("sft", "rft", "rif_rft", "multitask_sft")
+# The pair whose forgetting the demo compares, rerun with training seeds 1 .. N-1 by `--seeds N`: one run's verdict
+# moves with the seed by more than the gap between the methods (see the README).
+SEED_METHODS = ("sft", "rft")
 TASKS = ("colour_single", "size_single", "shape_single", "existence_single")
 GENERAL = ("arithmetic", "choice_single")
 # How often the pretraining mixture draws a new task relative to a general one: enough to learn the answer words,
@@ -176,9 +179,13 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
     return base_dir
 
 
-def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_steps: int | None = None,
-        adjust=None) -> dict:
-    """Runs the demo; `pretrain_steps` and `adjust(config)` (edits each method's config) shrink it for tests."""
+def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, seeds: int = 1,
+        pretrain_steps: int | None = None, adjust=None) -> dict:
+    """Runs the demo and returns {method: summary}; `seeds` > 1 reruns `SEED_METHODS` with training seeds
+    1 .. seeds-1 in `DIR/seeds/<seed>/<method>` from the same base model. `pretrain_steps` and `adjust(config)`
+    (edits each method's config) shrink it for tests."""
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds} must be at least 1 (the number of training seeds per compared method)")
     started = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -188,17 +195,26 @@ def run(workdir: str, quick: bool = False, methods=DEMO_METHODS, *, pretrain_ste
         tok_dir, data_dir = build_assets(workdir)
         steps = pretrain_steps if pretrain_steps is not None else (150 if quick else 800)
         base_dir = pretrain_base(workdir, tok_dir, data_dir, steps=steps)
-        summaries = {}
-        for method in methods:
+
+        def run_method(method, seed, method_dir):
             config = demo_config(method, quick)
+            config.seed = seed
             config.model.hf_dir = base_dir
             config.data.data_dir = data_dir
             config.compilation_cache_dir = cache_dir
             if adjust is not None:
                 adjust(config)
-            summaries[method] = ContinualRun(config, os.path.join(workdir, method)).run()
+            return ContinualRun(config, method_dir).run()
+
+        summaries = {method: run_method(method, 0, os.path.join(workdir, method)) for method in methods}
+        repeats = {str(seed): {method: run_method(method, seed, os.path.join(workdir, "seeds", str(seed), method))
+                               for method in SEED_METHODS if method in methods}
+                   for seed in range(1, seeds)}
+    combined = {"methods": summaries}
+    if repeats:
+        combined["seeds"] = repeats
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({"methods": summaries}, f, indent=2)
+        json.dump(combined, f, indent=2)
     report = write_report(workdir)
     print(f"\ncpt-jax demo finished in {time.time() - started:.0f}s")
     print(f"  summary: {os.path.join(workdir, 'summary.json')}")
@@ -210,4 +226,6 @@ def register(subparsers):
     parser = subparsers.add_parser("demo", help="synthetic tasks + tiny model on CPU: SFT vs RFT forgetting")
     parser.add_argument("--workdir", default="cpt_demo", help="where data, the base model and results go")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
-    parser.set_defaults(func=lambda args: run(args.workdir, args.quick) and 0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds for SFT and RFT (each extra seed adds ~3 min); the report averages them")
+    parser.set_defaults(func=lambda args: run(args.workdir, args.quick, seeds=args.seeds) and 0)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cpt_jax import demo
 
 
@@ -25,13 +27,24 @@ def _smallest(config):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    summaries = demo.run(tmp_path, quick=True, pretrain_steps=2, adjust=_smallest)
+    summaries = demo.run(tmp_path, quick=True, seeds=2, pretrain_steps=2, adjust=_smallest)
     assert set(summaries) == set(demo.DEMO_METHODS)
     combined = json.loads((tmp_path / "summary.json").read_text())
     assert set(combined["methods"]) == set(demo.DEMO_METHODS)
     for method in demo.DEMO_METHODS:
         assert (tmp_path / method / "results" / "summary.json").exists()
+    # The compared pair once more with training seed 1, from the same base model.
+    assert set(combined["seeds"]) == {"1"} and set(combined["seeds"]["1"]) == set(demo.SEED_METHODS)
+    for method in demo.SEED_METHODS:
+        assert (tmp_path / "seeds" / "1" / method / "results" / "summary.json").exists()
+    assert combined["seeds"]["1"]["sft"]["initial"] == combined["methods"]["sft"]["initial"]
     report = (tmp_path / "report.md").read_text()
     assert "sft" in report and "rft" in report and "forgot" in report
+    assert "## Across training seeds" in report and "Over 2 training seeds" in report
     assert (tmp_path / "plots" / "accuracy_matrix.png").stat().st_size > 1000
     assert (tmp_path / "base" / "config.json").exists()  # the cached base model
+
+
+def test_demo_needs_at_least_one_seed(tmp_path):
+    with pytest.raises(ValueError, match="seeds=0 must be at least 1"):
+        demo.run(tmp_path, seeds=0)

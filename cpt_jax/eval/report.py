@@ -2,7 +2,8 @@
 
 A workdir holds one run (`results/summary.json`), or several methods side by side: the demo's
 `summary.json` (`{"methods": {name: summary}}`) and/or one `<method>/results/summary.json` per method.
-`write_report` renders `report.md` next to them, with its plots under `plots/`.
+`write_report` renders `report.md` next to them, with its plots under `plots/`. SFT and RFT rerun with other
+training seeds (`cpt-jax demo --seeds N`: `seeds/<seed>/<method>/results/summary.json`) add a table per seed.
 """
 
 import json
@@ -225,6 +226,47 @@ def _comparison_sentence(summaries):
     return verdict
 
 
+def load_seed_summaries(workdir, summaries):
+    """{seed: {method: summary}} of the SFT and RFT runs repeated with other training seeds, seed "0" being the
+    main runs in `summaries`; empty when `workdir` has no `seeds/<seed>/<method>/results/summary.json`."""
+    found = {}
+    for path in sorted(pathlib.Path(workdir).glob(f"seeds/*/*/{_RESULTS.as_posix()}")):
+        seed, method = path.parents[2].name, path.parents[1].name
+        if not seed.isdigit():
+            raise ValueError(f"{path}: {seed!r} is not a training seed; the demo writes seeds/<seed>/<method>")
+        found.setdefault(seed, {})[method] = _check_summary(_read_json(path), path)
+    if not found:
+        return {}
+    main = {name: summaries[name] for name in ("sft", "rft") if name in summaries}
+    return {"0": main, **{seed: found[seed] for seed in sorted(found, key=int)}}
+
+
+def _seed_section(seeds):
+    """The per-seed table of SFT's and RFT's mean gain and FM, and a sentence on how often RFT forgot less: a
+    single run's verdict moves with the training seed by more than the gap between the methods."""
+    pairs = {seed: (runs["sft"], runs["rft"]) for seed, runs in seeds.items() if "sft" in runs and "rft" in runs}
+    if len(pairs) < 2:
+        return None
+    gains = {seed: (mean_gain(sft), mean_gain(rft)) for seed, (sft, rft) in pairs.items()}
+    fms = {seed: (sft["FM"], rft["FM"]) for seed, (sft, rft) in pairs.items()}
+    rows = [[seed, _pct(gains[seed][0]), _pct(gains[seed][1]), _pct(fms[seed][0]), _pct(fms[seed][1]),
+             "yes" if fms[seed][1] > fms[seed][0] else "no"] for seed in pairs]
+    mean_fm = np.mean(list(fms.values()), axis=0)
+    known = [g for g in gains.values() if None not in g]
+    mean_gains = np.mean(known, axis=0) if known else (None, None)
+    fewer = sum(rft > sft for sft, rft in fms.values())
+    rows.append(["mean", _pct(mean_gains[0]), _pct(mean_gains[1]), _pct(mean_fm[0]), _pct(mean_fm[1]),
+                 f"{fewer} of {len(pairs)}"])
+    sentence = (f"Over {len(pairs)} training seeds (seed 0 is the run above; the same base model and data) RFT "
+                f"forgot less than SFT in {fewer} (mean FM {_pct(mean_fm[1])} vs {_pct(mean_fm[0])}).")
+    if len(known) == len(pairs):
+        fair = sum(abs(sft - rft) <= GAIN_GAP for sft, rft in known)
+        sentence += (f" Mean gain over the initial model: RFT {_pct(mean_gains[1])}, SFT {_pct(mean_gains[0])}; "
+                     f"comparable (within {_pct(GAIN_GAP)} points) in {fair} of the {len(pairs)} seeds.")
+    table = _table(["seed", "SFT gain", "RFT gain", "SFT FM", "RFT FM", "RFT forgot less"], rows)
+    return f"## Across training seeds\n\n{sentence}\n\n{table}"
+
+
 def _save(fig, path):
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -348,6 +390,9 @@ def write_report(workdir):
     if sentence:
         sections.append(sentence)
     sections += ["## Summary", _summary_table(summaries)]
+    seeds = _seed_section(load_seed_summaries(workdir, summaries))
+    if seeds:
+        sections.append(seeds)
     gains = _gain_table(summaries)
     if gains:
         sections += ["## Plasticity per task\n\nA[k][k] after training task k, and in brackets its gain over the "

@@ -117,6 +117,34 @@ def test_a_task_one_method_did_not_learn_is_named_even_when_the_mean_gains_match
     assert "| sft | 80.0 (+60.0) | 90.0 (+50.0) | 70.0 (+2.0) |" in text
 
 
+def test_runs_with_other_training_seeds_add_a_table_and_how_often_rft_forgot_less(tmp_path):
+    forgetful_rft = [[0.9, None, None], [0.2, 0.9, None], [0.1, 0.2, 0.9]]  # FM -75, gain 60
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": _rft()}})
+    _write(tmp_path / "seeds" / "1" / "sft" / "results" / "summary.json", _sft())
+    _write(tmp_path / "seeds" / "1" / "rft" / "results" / "summary.json", _rft(forgetful_rft, None))
+    _write(tmp_path / "seeds" / "2" / "sft" / "results" / "summary.json", _sft())  # no RFT run: not a pair
+
+    text = write_report(tmp_path).read_text()
+
+    assert ("Over 2 training seeds (seed 0 is the run above; the same base model and data) RFT forgot less than SFT "
+            "in 1 (mean FM -40.0 vs -40.0). Mean gain over the initial model: RFT 52.5, SFT 50.0; comparable (within "
+            "5.0 points) in 1 of the 2 seeds.") in text
+    assert "| 0 | 50.0 | 45.0 | -40.0 | -5.0 | yes |" in text
+    assert "| 1 | 50.0 | 60.0 | -40.0 | -75.0 | no |" in text
+    assert "| mean | 50.0 | 52.5 | -40.0 | -40.0 | 1 of 2 |" in text
+    assert "| 2 |" not in text
+    # The main comparison still speaks of seed 0's run alone.
+    assert "In this run RFT forgot less than SFT (FM -5.0 vs -40.0)." in text
+
+
+def test_a_seed_folder_that_is_not_a_number_is_an_error(tmp_path):
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": _rft()}})
+    _write(tmp_path / "seeds" / "best" / "rft" / "results" / "summary.json", _rft())
+
+    with pytest.raises(ValueError, match="'best' is not a training seed"):
+        write_report(tmp_path)
+
+
 def test_without_initial_accuracies_the_comparison_says_learning_is_unknown(tmp_path):
     text = _report_with_initial(tmp_path, None, None)
 
