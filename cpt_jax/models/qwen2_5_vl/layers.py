@@ -262,10 +262,13 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, carry_axes, remat: str = "none"):
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, carry_axes, remat: str = "none", scan: bool = True):
     """`lax.scan` over stacked layers: `body(layer, carry, x) -> (carry, y)` with the layer rebuilt per step.
 
     The carry (the residual stream) is constrained to its logical axes `carry_axes` before and after every layer.
+    With `scan=False` the same steps run as a Python loop over static slices of the stacked parameters, so XLA
+    compiles each layer on its own: longer compiles, no dynamic slices of the weights and of the saved residuals per
+    layer (at 40m on a 2-core CPU: train step and rollouts ~5% faster, compile 8.6 s -> 12.4 s).
     """
     graphdef, state = nnx.split(layers)
 
@@ -274,4 +277,11 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, carry_axes, remat: 
         c, y = body(nnx.merge(graphdef, layer_state), c, x)
         return constrain(c, carry_axes), y
 
-    return jax.lax.scan(maybe_remat(step, remat), constrain(carry, carry_axes), (state, xs))
+    step, carry = maybe_remat(step, remat), constrain(carry, carry_axes)
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs))
+    ys = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *ys)
