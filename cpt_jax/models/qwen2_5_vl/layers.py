@@ -267,8 +267,9 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, carry_axes, remat: 
 
     The carry (the residual stream) is constrained to its logical axes `carry_axes` before and after every layer.
     With `scan=False` the same steps run as a Python loop over static slices of the stacked parameters, so XLA
-    compiles each layer on its own: longer compiles, no dynamic slices of the weights and of the saved residuals per
-    layer (at 40m on a 2-core CPU: train step and rollouts ~5% faster, compile 8.6 s -> 12.4 s).
+    compiles each layer on its own, without the scan's per-layer dynamic slices of the weights and saved residuals.
+    Compiles take longer (40m SFT step: 8.6 -> 12.4 s); on a 2-core CPU the 40m SFT step was 1-5% faster in three
+    interleaved comparisons and rollouts were within the host's noise (README, "Speed").
     """
     graphdef, state = nnx.split(layers)
 
