@@ -44,12 +44,12 @@ def run(size: common.Size, argv: list[str]) -> dict:
     import torch
 
     config = common.model_config(size)
-    model = common.build_model(config, scan_layers=size.scan_layers)
+    model = common.build_model(config)
     ids, mask, pixel_values, grid = prompts(size, config.vision.patch_dim)
     tokens = size.batch * size.max_new_tokens
     result = {"size": size.name, "batch": size.batch, "max_new_tokens": size.max_new_tokens,
               "prompt_length": int(ids.shape[1]), "image_grid_thw": list(size.grid), "temperature": TEMPERATURE,
-              "top_p": TOP_P, "dtype": "float32", "scan_layers": size.scan_layers, "reference": f"transformers generate, {common.REFERENCE_ATTENTION}",
+              "top_p": TOP_P, "dtype": "float32", "reference": f"transformers generate, {common.REFERENCE_ATTENTION}",
               "config": config.to_hf(), "params": common.count_params(model), **common.environment(argv)}
     result["limits"] = common.limits(size)
 

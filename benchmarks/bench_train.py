@@ -103,7 +103,7 @@ def torch_sft(reference, batch, size: common.Size) -> dict:
 
 def jax_rft(config, size: common.Size) -> dict:
     """Time of `RFTLearner.update` on `rft_prompts` prompts x `rft_samples` responses of `rft_response` tokens."""
-    model = common.build_model(config, seed=1, scan_layers=size.scan_layers)
+    model = common.build_model(config, seed=1)
     optimizer = make_optimizer({"learning_rate": LEARNING_RATE, "max_grad_norm": MAX_GRAD_NORM})
     graphdef, state = create_train_state(model, optimizer, 0)
     rft = RFTConfig(num_samples=size.rft_samples, max_new_tokens=size.rft_response)
@@ -139,11 +139,11 @@ def jax_rft(config, size: common.Size) -> dict:
 
 def run(size: common.Size, argv: list[str]) -> dict:
     config = common.model_config(size)
-    model = common.build_model(config, scan_layers=size.scan_layers)
+    model = common.build_model(config)
     batch = sft_batch(size, config)
     result = {"size": size.name, "batch": size.batch, "max_new_tokens": size.max_new_tokens,
               "sft_length": size.sft_length, "loss_tokens": int((batch["loss_mask"][:, 1:]).sum()),
-              "image_grid_thw": list(size.grid), "dtype": "float32", "scan_layers": size.scan_layers,
+              "image_grid_thw": list(size.grid), "dtype": "float32",
               "reference": f"transformers + torch.optim.AdamW, {common.REFERENCE_ATTENTION}",
               "config": config.to_hf(), "params": common.count_params(model), **common.environment(argv)}
     result["limits"] = common.limits(size)

@@ -50,7 +50,6 @@ class Size:
     timed_runs: int
     peak_matmul_n: int  # side of the square matmul measuring peak FLOP/s
     bandwidth_mib: int  # size of the array streamed to measure memory bandwidth
-    scan_layers: bool = True  # our model's layers in lax.scan (the library default) or a Python loop (--loop-layers)
 
 
 SIZES = {
@@ -87,9 +86,9 @@ def model_config(size: Size) -> Qwen2_5_VLConfig:
     })
 
 
-def build_model(config: Qwen2_5_VLConfig, seed: int = 0, scan_layers: bool = True) -> Qwen2_5_VL:
+def build_model(config: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VL:
     """fp32 model with weights drawn in numpy (std 0.02, norms 1): JAX random init would compile per shape."""
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0)))
     graphdef, shapes = nnx.split(abstract)
     rng = np.random.default_rng(seed)
 
@@ -332,17 +331,14 @@ def scratch_dir() -> tempfile.TemporaryDirectory:
 
 def main(run: Callable[[Size, list[str]], dict], script: str, description: str, summary: Sequence[str],
          limits_summary: Sequence[str] = (), argv: list[str] | None = None) -> dict:
-    """The command line of a benchmark: `--size`, `--json OUT`, `--loop-layers`; runs `run(size, command)`, writes
-    the result and prints the `summary` keys (and the `limits_summary` keys of its limits)."""
+    """The command line of a benchmark: `--size`, `--json OUT`; runs `run(size, command)`, writes the result and
+    prints the `summary` keys (and the `limits_summary` keys of its limits)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=sorted(SIZES), default="40m")
     parser.add_argument("--json", type=pathlib.Path, help="where to write the result")
-    parser.add_argument("--loop-layers", action="store_true",
-                        help="run our model's layers as a Python loop instead of lax.scan (model scan_layers=False)")
     args = parser.parse_args(argv)
-    size = dataclasses.replace(SIZES[args.size], scan_layers=not args.loop_layers)
-    result = run(size, [script, *argv])
+    result = run(SIZES[args.size], [script, *argv])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in summary}))

@@ -223,8 +223,7 @@ def compile_programs(config, mesh, programs=None, *, on_report=None) -> list[Rep
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     abstract_model = nnx.eval_shape(lambda: Qwen2_5_VL(model_config, rngs=nnx.Rngs(0), dtype=dtype,
                                                        param_dtype=param_dtype, attention=config.model.attention,
-                                                       remat=config.model.remat,
-                                                       scan_layers=config.model.scan_layers))
+                                                       remat=config.model.remat))
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     optimizer = make_optimizer({**config.optim.to_dict(), "total_steps": 1})
 

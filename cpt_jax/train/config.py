@@ -25,9 +25,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.attention = "xla"
     c.model.remat = "dots"
-    # False loops over the layers instead of scanning them (models.qwen2_5_vl.layers.scan_layers): longer compiles,
-    # each layer its own part of the program; on CPU at 40m the SFT step was 1-5% faster. Keep True for deep models.
-    c.model.scan_layers = True
 
     c.tokenizer_dir = ""  # defaults to model.hf_dir
 

@@ -134,7 +134,7 @@ class ContinualRun:
         self.compute_dtype = DTYPES[config.model.dtype]
         model = load_hf_checkpoint(config.model.hf_dir, dtype=DTYPES[config.model.param_dtype], mesh=self.layout.mesh,
                                    compute_dtype=self.compute_dtype, attention=config.model.attention,
-                                   remat=config.model.remat, scan_layers=config.model.scan_layers)
+                                   remat=config.model.remat)
         self.model_config = model.config
         self.graphdef, self.base_params = nnx.split(model, nnx.Param)
         vc = self.model_config.vision

@@ -47,11 +47,8 @@ def test_benchmarks_run_and_write_their_fields(tmp_path):
         int(np.prod(v)) for k, v in shapes.items() if k.startswith("language_model") and k.endswith("kernel/value"))
     assert limits["decode_weight_bytes"] == 4 * weights
 
-    assert rollout["scan_layers"] is True
-    # The train benchmark with our layers looped instead of scanned (`--loop-layers`): the same function.
-    train = bench_train.main(["--size", "tiny", "--json", str(tmp_path / "train.json"), "--loop-layers"])
+    train = bench_train.main(["--size", "tiny", "--json", str(tmp_path / "train.json")])
     check_common_fields(train, tmp_path / "train.json", "bench_train.py")
-    assert train["scan_layers"] is False
     # Same weights and batch on both sides: the first losses agree, so the two steps compute the same thing.
     np.testing.assert_allclose(train["jax_first_loss"], train["reference_first_loss"], rtol=1e-5)
     assert train["limits"]["model_flops_per_step"] > 6 * train["params"]["text"] * TINY.batch * TINY.sft_length / 2

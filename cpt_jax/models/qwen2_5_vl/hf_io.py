@@ -192,7 +192,7 @@ class _TensorIndex:
 
 
 def load_hf_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
-                       compute_dtype=None, attention: str = "xla", remat: str = "none", scan_layers: bool = True,
+                       compute_dtype=None, attention: str = "xla", remat: str = "none",
                        rules: Mapping[str, Rules] = PARAM_RULES) -> Qwen2_5_VL:
     """Builds `Qwen2_5_VL` from a transformers checkpoint directory.
 
@@ -204,8 +204,7 @@ def load_hf_checkpoint(ckpt_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax
     ckpt_dir = os.fspath(ckpt_dir)
     config = Qwen2_5_VLConfig.from_hf(ckpt_dir)
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0), dtype=compute_dtype or dtype,
-                                                 param_dtype=dtype, attention=attention, remat=remat,
-                                                 scan_layers=scan_layers))
+                                                 param_dtype=dtype, attention=attention, remat=remat))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     index = _TensorIndex(ckpt_dir)

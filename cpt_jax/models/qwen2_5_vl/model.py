@@ -56,16 +56,14 @@ class Qwen2_5_VL(nnx.Module):
     """Qwen2.5-VL matching transformers' `Qwen2_5_VLForConditionalGeneration` numerically.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype; `attention` names an implementation in
-    `layers.ATTENTION_IMPLS`; `remat` a policy in `layers.REMAT_POLICIES` applied per scanned layer;
-    `scan_layers=False` loops over the layers instead of scanning them (`layers.scan_layers`).
+    `layers.ATTENTION_IMPLS`; `remat` a policy in `layers.REMAT_POLICIES` applied per scanned layer.
     """
 
     def __init__(self, config: Qwen2_5_VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention: str = "xla", remat: str = "none", scan_layers: bool = True):
+                 attention: str = "xla", remat: str = "none"):
         self.config = config
         self.dtype = dtype
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
-                  scan=scan_layers)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
         self.visual = VisionTower(config.vision, **kw)
         self.language_model = TextDecoder(config.text, **kw)
         t = config.text

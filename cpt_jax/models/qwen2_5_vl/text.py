@@ -84,11 +84,10 @@ class TextDecoder(nnx.Module):
     """Token embedding, stacked decoder layers (scanned) and the final norm."""
 
     def __init__(self, config: TextConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention: str = "xla", remat: str = "none", scan: bool = True):
+                 attention: str = "xla", remat: str = "none"):
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        self.scan = scan
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = stacked(lambda r: DecoderLayer(config, attention=attention, rngs=r, **kw),
@@ -107,7 +106,7 @@ class TextDecoder(nnx.Module):
         def body(layer, x, _):
             return layer(x, cos, sin, mask_BLS)
 
-        x, kv = scan_layers(self.layers, body, x_BLD, carry_axes=ACT_BLD, remat=self.remat, scan=self.scan)
+        x, kv = scan_layers(self.layers, body, x_BLD, carry_axes=ACT_BLD, remat=self.remat)
         return self.norm(x), kv
 
     def extend(self, x_NTD, position_ids_3NT, k_prefix, v_prefix, prefix_mask_BS, self_mask_NTT, *,
@@ -120,6 +119,5 @@ class TextDecoder(nnx.Module):
         def body(layer, x, kv):
             return layer.extend(x, cos, sin, kv[0], kv[1], prefix_mask_BS, self_mask_NTT)
 
-        x, kv = scan_layers(self.layers, body, x_NTD, (k_prefix, v_prefix), carry_axes=ACT_BLD, remat=remat,
-                            scan=self.scan)
+        x, kv = scan_layers(self.layers, body, x_NTD, (k_prefix, v_prefix), carry_axes=ACT_BLD, remat=remat)
         return self.norm(x), kv

@@ -177,11 +177,10 @@ class VisionTower(nnx.Module):
     """Patches (any number of images, flattened) -> merged image embeddings (M, O) in image order."""
 
     def __init__(self, config: VisionConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention: str = "xla", remat: str = "none", scan: bool = True):
+                 attention: str = "xla", remat: str = "none"):
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        self.scan = scan
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         # Conv3d with kernel == stride is a matmul over the flattened patch vector.
         self.patch_embed = param(rngs, (config.patch_dim, config.hidden_size), ("vis_patch", "vis_embed"),
@@ -200,8 +199,7 @@ class VisionTower(nnx.Module):
         def body(block, x, full):
             return block(x, cos, sin, jnp.where(full, frame_mask, window_mask)), None
 
-        x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), carry_axes=ACT_ND, remat=self.remat,
-                           scan=self.scan)
+        x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), carry_axes=ACT_ND, remat=self.remat)
         return x
 
     def __call__(self, inputs: VisionInputs):

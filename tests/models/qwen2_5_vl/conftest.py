@@ -25,14 +25,3 @@ def hf_model(hf_dir):
 @pytest.fixture(scope="session")
 def model(hf_dir):
     return load_hf_checkpoint(hf_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="session")
-def looped_model(hf_dir):
-    """The same checkpoint with its layers run by a Python loop instead of `lax.scan` (`scan_layers=False`)."""
-    return load_hf_checkpoint(hf_dir, dtype=jnp.float32, scan_layers=False)
-
-
-@pytest.fixture(params=["scanned", "looped"])
-def either_model(request, model, looped_model):
-    return model if request.param == "scanned" else looped_model

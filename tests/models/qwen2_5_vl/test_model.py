@@ -37,29 +37,12 @@ def test_one_image(model, hf_model):
     _assert_logits_match(model, hf_model, ids, None, grids, rng)
 
 
-def test_two_images_uneven_windows(either_model, hf_model):
+def test_two_images_uneven_windows(model, hf_model):
     # 12x20 patches: uneven windows at the right/bottom edges; 8x8: an exactly divisible side adds an empty window.
     rng = np.random.default_rng(3)
     grids = [(1, 12, 20), (1, 8, 8)]
     ids = np.array([ref.prompt(rng, [9, grids[0], 2, grids[1], 12])])
-    _assert_logits_match(either_model, hf_model, ids, None, grids, rng)
-
-
-def test_looped_layers_trace_no_scan(model, looped_model):
-    """`scan_layers=False` runs the layers as straight-line code: the traced forward has no scan at all."""
-    rng = np.random.default_rng(12)
-    grids = [(1, 4, 4)]
-    ids = np.array([ref.prompt(rng, [2, grids[0], 3])])
-    pv = ref.pixels(rng, grids)
-
-    def primitives(m):
-        position_ids, _, vision = m.prepare(ids, None, pv, np.array(grids))
-        graphdef, state = nnx.split(m)
-        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, position_ids=position_ids, vision=vision))
-        return {eqn.primitive.name for eqn in jaxpr(state).jaxpr.eqns}
-
-    assert "scan" in primitives(model)
-    assert "scan" not in primitives(looped_model)
+    _assert_logits_match(model, hf_model, ids, None, grids, rng)
 
 
 def test_left_padded_batch_with_different_image_counts(model, hf_model):
@@ -121,8 +104,7 @@ def _greedy(model, ids, mask, grids, pv, steps, cache_size):
     return np.stack(tokens, 1), np.stack(step_logits, 1), cache
 
 
-def test_cached_decoding_equals_full_recomputation(either_model):
-    model = either_model
+def test_cached_decoding_equals_full_recomputation(model):
     rng = np.random.default_rng(8)
     grids = [(1, 4, 8)]
     ids, mask = ref.left_pad([ref.prompt(rng, [3, grids[0], 5]), ref.prompt(rng, [6])])
@@ -176,7 +158,7 @@ def test_bf16_compute_stays_close_to_fp32(hf_dir):
     assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() >= 0.9
 
 
-def test_parameter_gradients_match_transformers(either_model, hf_model):
+def test_parameter_gradients_match_transformers(model, hf_model):
     """The gradient of sum(logits * R) for every parameter (text and vision, two images, left padding) equals
     torch's autograd through transformers, so the training steps differentiate the same function."""
     import torch
@@ -187,7 +169,6 @@ def test_parameter_gradients_match_transformers(either_model, hf_model):
     grids = [(1, 4, 4), (1, 4, 8)]
     ids, mask = ref.left_pad([ref.prompt(rng, [3, grids[0], 4]), ref.prompt(rng, [2, grids[1], 2])])
     pv, thw = ref.pixels(rng, grids), np.array(grids)
-    model = either_model
     weights = rng.standard_normal(ids.shape + (model.config.text.vocab_size,)).astype(np.float32) * mask[..., None]
     position_ids, _, vision = model.prepare(ids, mask, pv, thw)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
