@@ -252,15 +252,16 @@ def _seed_section(seeds):
     rows = [[seed, _pct(gains[seed][0]), _pct(gains[seed][1]), _pct(fms[seed][0]), _pct(fms[seed][1]),
              "yes" if fms[seed][1] > fms[seed][0] else "no"] for seed in pairs]
     mean_fm = np.mean(list(fms.values()), axis=0)
-    known = [g for g in gains.values() if None not in g]
-    mean_gains = np.mean(known, axis=0) if known else (None, None)
+    # Gains need every run's initial accuracies; a mean over some seeds only would not match the FM beside it.
+    known = all(None not in g for g in gains.values())
+    mean_gains = np.mean(list(gains.values()), axis=0) if known else (None, None)
     fewer = sum(rft > sft for sft, rft in fms.values())
     rows.append(["mean", _pct(mean_gains[0]), _pct(mean_gains[1]), _pct(mean_fm[0]), _pct(mean_fm[1]),
                  f"{fewer} of {len(pairs)}"])
     sentence = (f"Over {len(pairs)} training seeds (seed 0 is the run above; the same base model and data) RFT "
                 f"forgot less than SFT in {fewer} (mean FM {_pct(mean_fm[1])} vs {_pct(mean_fm[0])}).")
-    if len(known) == len(pairs):
-        fair = sum(abs(sft - rft) <= GAIN_GAP for sft, rft in known)
+    if known:
+        fair = sum(abs(sft - rft) <= GAIN_GAP for sft, rft in gains.values())
         sentence += (f" Mean gain over the initial model: RFT {_pct(mean_gains[1])}, SFT {_pct(mean_gains[0])}; "
                      f"comparable (within {_pct(GAIN_GAP)} points) in {fair} of the {len(pairs)} seeds.")
     table = _table(["seed", "SFT gain", "RFT gain", "SFT FM", "RFT FM", "RFT forgot less"], rows)

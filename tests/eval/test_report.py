@@ -137,6 +137,18 @@ def test_runs_with_other_training_seeds_add_a_table_and_how_often_rft_forgot_les
     assert "In this run RFT forgot less than SFT (FM -5.0 vs -40.0)." in text
 
 
+def test_seed_gains_are_averaged_only_when_every_run_has_initial_accuracies(tmp_path):
+    _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": _rft()}})
+    _write(tmp_path / "seeds" / "1" / "sft" / "results" / "summary.json", _sft())
+    _write(tmp_path / "seeds" / "1" / "rft" / "results" / "summary.json", _rft(initial=None))
+
+    text = write_report(tmp_path).read_text()
+
+    assert "| 1 | 50.0 | – | -40.0 | -5.0 | yes |" in text
+    assert "| mean | – | – | -40.0 | -5.0 | 2 of 2 |" in text
+    assert "RFT forgot less than SFT in 2 (mean FM -5.0 vs -40.0).\n" in text  # no gain sentence
+
+
 def test_a_seed_folder_that_is_not_a_number_is_an_error(tmp_path):
     _write(tmp_path / "summary.json", {"methods": {"sft": _sft(), "rft": _rft()}})
     _write(tmp_path / "seeds" / "best" / "rft" / "results" / "summary.json", _rft())
