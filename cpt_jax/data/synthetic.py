@@ -1,11 +1,15 @@
 """A procedurally generated multimodal task suite: the embedded stand-in for the paper's benchmark.
 
-Every image task draws its scene from one distribution: a white canvas cut into a 3x3 grid, one black digit in
-one cell and one to four coloured shapes (circle, square, triangle, cross; small or large) in other cells, each
-(colour, shape) pair at most once. The skills ask different questions about the same kind of scene, so training
-them one after another makes a model overwrite what it learned before: forgetting is measurable. The "general"
-tasks are held out of the sequence and stand in for MMLU-Pro (text-only arithmetic) and for MMMU / POPE
-(multiple choice and yes/no about a scene).
+The suite's scene is a white canvas cut into a 3x3 grid, one black digit in one cell and one to four coloured
+shapes (circle, square, triangle, cross; small or large) in other cells, each (colour, shape) pair at most once.
+The skills ask different questions about the same kind of scene, so training them one after another makes a model
+overwrite what it learned before: forgetting is measurable. The "general" tasks are held out of the sequence and
+stand in for MMLU-Pro (text-only arithmetic and parity) and for MMMU / POPE (multiple choice and yes/no about a
+scene). Every task can also be drawn on other layouts (`Layout`), e.g. one shape filling the image (`SINGLE`).
+
+The rule tasks (warm, primary, dark, fills) ask about the only shape of a `SINGLE` scene whether its colour or size
+falls in a category, each answer half of the time: what they test is a mapping from a colour or size that a model
+may already read (the "colour" and "size" tasks) to a category it has to learn.
 
 Answers are a single word, number or letter that `mathruler.grader.grade_answer` accepts against itself, and
 every example is a pure function of (task, split, seed, index).
@@ -21,12 +25,17 @@ GRID = 3
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
-    "blue": (40, 80, 220),
+    "blue": (30, 50, 180),
     "yellow": (230, 190, 20),
-    "purple": (150, 60, 190),
+    "purple": (110, 30, 150),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
+# Colour categories the rule tasks ask about. Blue and purple are the dark ones by luminance (0.3 R + 0.59 G +
+# 0.11 B: 58 and 67, against 94 for red, 119 for green, 183 for yellow).
+WARM = ("red", "yellow")
+PRIMARY = ("red", "yellow", "blue")
+DARK = ("blue", "purple")
 COLUMNS = ("left", "middle", "right")
 MIN_IMAGE_SIZE = 8 * GRID
 MAX_SHAPES = 4
@@ -98,6 +107,9 @@ class Layout:
                              f"({self.grid}x{self.grid}{' less one for the digit' if self.digit else ''})")
 
 
+SINGLE = Layout(grid=1, max_shapes=1, digit=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticTask:
     """One task of the suite.
@@ -112,7 +124,9 @@ class SyntheticTask:
     instruction: str
     ask: Callable[[Scene | None, np.random.Generator], tuple[str, str] | None]
     multimodal: bool = True
-    needs: tuple[str, ...] = ()  # what the question reads from a scene: "digit", "columns" (a 3-wide grid)
+    # What the question reads from a scene: "digit", "columns" (a 3-wide grid), "one" (the only shape).
+    needs: tuple[str, ...] = ()
+    layout: Layout = Layout()  # how its scenes are drawn unless `generate` is given another layout
 
     def check(self, layout: Layout):
         """Raises if scenes drawn with `layout` cannot pose this task's question."""
@@ -120,6 +134,8 @@ class SyntheticTask:
             raise ValueError(f"task {self.name!r} asks about the digit; it needs a layout with digit=True")
         if "columns" in self.needs and layout.grid != len(COLUMNS):
             raise ValueError(f"task {self.name!r} asks left/middle/right; it needs a layout with grid={len(COLUMNS)}")
+        if "one" in self.needs and layout.max_shapes != 1:
+            raise ValueError(f"task {self.name!r} asks about the only shape; it needs a layout with max_shapes=1")
 
     def __post_init__(self):
         if self.kind not in ("skill", "general"):
@@ -129,6 +145,7 @@ class SyntheticTask:
 _NUMBER = "Answer with a single number."
 _WORD = "Answer with a single word."
 _LETTER = "Answer with the option's letter from the given choices directly."
+_YES_NO = "Answer yes or no."
 
 
 def _unique_by(shapes, attribute):
@@ -199,6 +216,33 @@ def _ask_choice(scene, rng):
     return "Which of these objects is in the image?\n" + "\n".join(lines), answer
 
 
+def _balanced(rng, inside, share):
+    """Whether to keep a scene so that kept scenes are `inside` half of the time, when a drawn scene is `inside` with
+    probability `share` (False: draw another)."""
+    keep = min(1.0, (1 - share) / share) if inside else min(1.0, share / (1 - share))
+    return rng.random() < keep
+
+
+def _ask_rule(question, subset, attribute, answers=("yes", "no")):
+    """`ask` for a rule: whether the only shape's `attribute` is in `subset`, answered answers[0] if it is and
+    answers[1] if not, each half of the time, so always giving one answer scores exactly chance."""
+    values = {"colour": tuple(COLOURS), "size": SIZES}[attribute]
+
+    def ask(scene, rng):
+        (shape,) = scene.shapes
+        inside = getattr(shape, attribute) in subset
+        if not _balanced(rng, inside, len(subset) / len(values)):
+            return None
+        return question, answers[0] if inside else answers[1]
+
+    return ask
+
+
+def _ask_parity(scene, rng):
+    n = int(rng.integers(0, 100))
+    return f"Is {n} an even number?", "yes" if n % 2 == 0 else "no"
+
+
 def _ask_arithmetic(scene, rng):
     a, b = (int(x) for x in rng.integers(0, 10, size=2))
     op = ("+", "-", "*")[rng.integers(3)]
@@ -217,13 +261,25 @@ TASKS = {
         SyntheticTask("digit", "skill", _NUMBER, _ask_digit, needs=("digit",)),
         SyntheticTask("sum", "skill", _NUMBER, _ask_sum, needs=("digit",)),
         SyntheticTask("arithmetic", "general", _NUMBER, _ask_arithmetic, multimodal=False),
-        SyntheticTask("existence", "general", "Answer yes or no.", _ask_existence),
+        SyntheticTask("existence", "general", _YES_NO, _ask_existence),
         SyntheticTask("choice", "general", _LETTER, _ask_choice),
+        SyntheticTask("warm", "skill", _WORD,
+                      _ask_rule("Is the colour of the shape warm or cool?", WARM, "colour", ("warm", "cool")),
+                      needs=("one",), layout=SINGLE),
+        SyntheticTask("primary", "skill", _YES_NO,
+                      _ask_rule("Is the colour of the shape a primary colour?", PRIMARY, "colour"),
+                      needs=("one",), layout=SINGLE),
+        SyntheticTask("dark", "skill", _WORD,
+                      _ask_rule("Is the colour of the shape dark or light?", DARK, "colour", ("dark", "light")),
+                      needs=("one",), layout=SINGLE),
+        SyntheticTask("fills", "skill", _YES_NO,
+                      _ask_rule("Does the shape fill most of the image?", ("large",), "size"),
+                      needs=("one",), layout=SINGLE),
+        SyntheticTask("parity", "general", _YES_NO, _ask_parity, multimodal=False),
     )
 }
 SKILLS = tuple(name for name, task in TASKS.items() if task.kind == "skill")
 # One shape filling the image, and the tasks that still ask something of it (a count would always be 1).
-SINGLE = Layout(grid=1, max_shapes=1, digit=False)
 SINGLE_TASKS = ("colour", "shape", "size", "existence", "choice")
 GENERAL = tuple(name for name, task in TASKS.items() if task.kind == "general")
 
@@ -304,13 +360,14 @@ def _rng(task, split, seed, index):
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def generate(task, split="train", n=100, seed=0, image_size=56, start=0, layout=Layout()):
+def generate(task, split="train", n=100, seed=0, image_size=56, start=0, layout=None):
     """Examples `start … start+n-1` of `task` for `split`, each a function of (task, split, seed, index, layout).
 
     Returns dicts {"id", "question", "answer", "image"}: image tasks put one "<image>" placeholder in the
     question and give a uint8 (image_size, image_size, 3) image; text tasks give `image=None`.
     """
     task = get_task(task)
+    layout = task.layout if layout is None else layout
     if task.multimodal:
         task.check(layout)
     if n < 0 or start < 0:

@@ -87,11 +87,12 @@ def test_distinct_skills_ask_distinct_questions(examples):
             assert not questions[a] & questions[b], (a, b)
 
 
-def test_skills_share_the_scene_distribution(examples):
-    # Same renderer, same scene sampler: the fraction of ink-free (white) pixels is alike across skills.
-    white = {
-        name: np.mean([(e["image"] == 255).all(-1).mean() for e in examples[name]]) for name in synthetic.SKILLS
-    }
+def test_skills_of_the_suite_layout_share_the_scene_distribution(examples):
+    # Same renderer, same scene sampler: the fraction of ink-free (white) pixels is alike across the skills drawn
+    # on the suite's 3x3 scenes (the rule tasks draw one shape and balance their answers: tested below).
+    suite = [name for name in synthetic.SKILLS if synthetic.TASKS[name].layout == synthetic.Layout()]
+    assert len(suite) >= 6 and len(suite) < len(synthetic.SKILLS)
+    white = {name: np.mean([(e["image"] == 255).all(-1).mean() for e in examples[name]]) for name in suite}
     assert max(white.values()) - min(white.values()) < 0.05
 
 
@@ -161,3 +162,50 @@ def test_layout_validates_and_tasks_refuse_layouts_they_cannot_ask_about():
 def test_single_tasks_pose_their_questions(name):
     for example in synthetic.generate(name, "test", 10, seed=5, layout=synthetic.SINGLE):
         assert grade_answer(example["answer"], example["answer"])
+
+
+def _drawn_colour(image):
+    coloured = image[~(image == 255).all(-1)]
+    (rgb,) = {tuple(int(c) for c in px) for px in coloured}
+    return next(name for name, value in synthetic.COLOURS.items() if value == rgb)
+
+
+@pytest.mark.parametrize("name, category, answers", [
+    ("warm", synthetic.WARM, ("warm", "cool")),
+    ("primary", synthetic.PRIMARY, ("yes", "no")),
+    ("dark", synthetic.DARK, ("dark", "light")),
+])
+def test_colour_rules_answer_by_the_drawn_colour_half_of_the_time(name, category, answers):
+    examples = synthetic.generate(name, "train", 200, seed=6)
+    for example in examples:
+        assert example["answer"] == (answers[0] if _drawn_colour(example["image"]) in category else answers[1])
+    assert 0.4 < np.mean([e["answer"] == answers[0] for e in examples]) < 0.6
+    # Every colour is asked about, on each side of the rule.
+    assert {_drawn_colour(e["image"]) for e in examples} == set(synthetic.COLOURS)
+
+
+def test_fills_answers_whether_the_shape_is_large():
+    examples = synthetic.generate("fills", "train", 200, seed=6)
+    covered = np.array([(~(e["image"] == 255).all(-1)).mean() for e in examples])
+    yes = np.array([e["answer"] == "yes" for e in examples])
+    assert 0.4 < yes.mean() < 0.6
+    assert covered[yes].min() > covered[~yes].max()  # every large shape covers more than any small one
+
+
+def test_rule_tasks_draw_one_shape_by_default_and_refuse_busier_layouts():
+    for example in synthetic.generate("warm", "test", 10, seed=1):
+        _drawn_colour(example["image"])  # exactly one colour: one shape, no digit
+        assert not (example["image"] == 0).all(-1).any()
+    with pytest.raises(ValueError, match="max_shapes=1"):
+        synthetic.generate("warm", "test", 1, layout=synthetic.Layout())
+
+
+def test_dark_colours_are_the_darkest():
+    luminance = {name: 0.3 * r + 0.59 * g + 0.11 * b for name, (r, g, b) in synthetic.COLOURS.items()}
+    assert max(luminance[c] for c in synthetic.DARK) < min(v for c, v in luminance.items() if c not in synthetic.DARK)
+
+
+def test_parity_answer_is_the_parity():
+    for example in synthetic.generate("parity", "test", 20):
+        number = int(example["question"].removeprefix("Is ").split(" ")[0])
+        assert example["answer"] == ("yes" if number % 2 == 0 else "no")

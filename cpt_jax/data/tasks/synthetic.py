@@ -22,7 +22,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     test_size: int = 200
     image_size: int = 56
     seed: int = 0
-    layout: synthetic.Layout = synthetic.Layout()
+    layout: synthetic.Layout | None = None  # None: the task's own layout
 
 
 class CptSynthetic(base.TaskBuilder):
