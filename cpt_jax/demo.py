@@ -5,9 +5,15 @@ as 7B; cached in the workdir) on the general tasks plus a little of every new ta
 and the answers' words without the new skills, then runs SFT, RFT, RIF-RFT and multi-task SFT over a sequence of
 new tasks, evaluates, and writes `DIR/summary.json` and `DIR/report.md` with plots.
 
-The tasks use scenes of one shape filling a 56-pixel image (`synthetic.SINGLE`): four merged vision tokens, which
-the 2-layer model learns to read in about a hundred steps (on the suite's 3x3 scenes it stays at chance for
-thousands), and a plain prompt, which keeps the new tasks' prompts under 56 tokens and SFT examples under 72.
+The images show one shape filling a 56-pixel image (`synthetic.SINGLE`, four merged vision tokens; on the suite's
+3x3 scenes the 2-layer model stays at chance for thousands of steps). The base model learns to name the shape's
+colour and size as general skills, beside text-only arithmetic and parity. The four new tasks are rules on top of
+what it reads: is the colour warm or cool, does the shape fill most of the image, is the colour a primary colour,
+is it dark or light. The base sees a few examples of each (`NEW_TASK_WEIGHT`), enough to answer in the task's words,
+mostly too few to learn the rule (on the default base warm, primary and dark start near chance; fills, which is the
+size the base names, at 87%), and both methods learn each within a stage. Without the general colour naming the base
+confuses colours: both methods then learn slowly, and RFT settles on one answer per confused colour before it learns
+the rule (measured; see the README).
 """
 
 from __future__ import annotations
@@ -45,14 +51,19 @@ DEMO_METHODS = ("sft", "rft", "rif_rft", "multitask_sft")
 # The pair whose forgetting the demo compares, rerun with training seeds 1 .. N-1 by `--seeds N`: one run's verdict
 # moves with the seed by more than the gap between the methods (see the README).
 SEED_METHODS = ("sft", "rft")
-TASKS = ("colour_single", "size_single", "shape_single", "existence_single")
-GENERAL = ("arithmetic", "choice_single")
-# How often the pretraining mixture draws a new task relative to a general one: enough to learn the answer words,
-# meant to be too little to learn the skill, so each new task starts low as the paper's tasks do (measured on the
-# default base: colour 36%, size 55%, shape 23%, existence 47%; chance 20, 50, 25, 50).
-NEW_TASK_WEIGHT = 0.1
-# SFT learns the answer layout the reward reads (the paper's RFT format), so both methods are scored alike.
-COT_TARGET = "<think> the answer is {answer} </think> \\boxed{{{answer}}}"
+TASKS = ("warm", "fills", "primary", "dark")
+GENERAL = ("arithmetic", "parity", "colour_single", "size_single")
+# How often the pretraining mixture draws a new task relative to a general one: enough to answer in its words,
+# too little to learn its rule, so each new task starts low as the paper's tasks do.
+NEW_TASK_WEIGHT = 0.02
+# SFT learns the answer layout the reward reads (the paper's RFT format), so both methods are scored alike. The
+# answer appears once: with "the answer is X" before the box, the base's box often disagreed with its X, two
+# decisions for RFT to credit where the reward reads one.
+COT_TARGET = "<think> I read the question. </think> \\boxed{{{answer}}}"
+# At 2e-3, two of three bases tried kept parity at chance (50-58%); at 1e-3 it reached 62-100% over three pretraining
+# seeds (100% with the default seed).
+PRETRAIN_LR = 1e-3
+SFT_EPOCHS, RFT_EPOCHS = 3, 4
 IMAGE_SIZE = 56  # the synthetic images' own size: 4x4 patches, 4 merged tokens
 
 
@@ -69,23 +80,20 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.data.sft_template = "plain"
     c.data.sft_target = COT_TARGET
     c.data.min_pixels = c.data.max_pixels = IMAGE_SIZE * IMAGE_SIZE
-    c.data.length_buckets = (56, 72, 104)  # prompts 45-80 tokens, SFT examples 63-97
+    c.data.length_buckets = (56, 72)  # prompts 43-54 tokens, SFT examples 61-72
     c.data.patch_buckets = (128, 256, 512, 1024)  # 16 patches per image: 8 to 64 images
     c.data.max_train_examples = 128 if quick else 256
-    c.data.max_eval_examples = 32 if quick else 64
+    c.data.max_eval_examples = 32 if quick else 128
     c.optim.weight_decay = 0.0
-    # SFT at 3e-4, RFT at a third of it (the paper's RFT rate is a tenth of its SFT rate), RFT with 8 epochs: RFT
-    # gains with the number of updates, not with a larger rate (RFT on colour alone from an earlier base, 27% on 128
-    # test examples: 4 epochs at 3e-4, 6e-4 or 1e-3 end at 26-28%; 8 epochs 47%, 16 epochs 73%). On the current base
-    # (sequence of 4, mean gain over the initial model, one run each): RFT 8 epochs at 1e-4 12.5 points, at 3e-4 9.8
-    # (and it drove the earlier tasks to 0%); SFT 2 epochs 13.0, 3 epochs 7.0, 4 epochs 17.2. SFT's epochs are the
-    # ones whose gain is closest to RFT's; single runs move by several points with the seed.
+    # One rate for both methods; RFT's epochs are passes of rollouts over each task's data. SFT_EPOCHS is the setting
+    # whose mean gain over the sequence came closest to RFT's on the default base (SFT 1 / 2 / 3 epochs: 18.3 / 23.0 /
+    # 29.7 points; RFT 4 epochs: 29.5).
     sft = METHOD_TABLE[method].kind == "sft"
-    c.optim.learning_rate = 3e-4 if sft else 1e-4
+    c.optim.learning_rate = 1e-4
     c.optim.schedule = "constant"
     # --quick trades RFT's epochs and the gradient diagnostics (their programs' compilation alone is ~15 s) for its
     # 3-minute budget; the group reward statistics stay.
-    c.schedule.epochs = (2 if sft else (1 if quick else 8),) * len(TASKS)
+    c.schedule.epochs = (SFT_EPOCHS if sft else (1 if quick else RFT_EPOCHS),) * len(TASKS)
     c.sft.batch_size = 16
     c.rft.prompt_batch_size = 8
     c.rft.rollout_batches = 2
@@ -94,7 +102,7 @@ def demo_config(method: str = "sft", quick: bool = False):
     c.rft.max_new_tokens = 20
     c.rft.micro_batches_per_update = 2
     c.rif.num_samples = 4
-    c.eval.temperature = 0.0
+    c.eval.temperature = 0.5  # the paper's evaluation: one sample per question at T=0.5
     c.eval.max_new_tokens = 20
     c.eval.batch_size = 32 if quick else 64
     # Each gradient diagnostic (per-group gradients, a Fisher over earlier tasks, the RFT-vs-SFT risk) costs several
@@ -130,8 +138,8 @@ def build_assets(workdir: str) -> tuple[str, str]:
     tok_dir, data_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         texts = [format_question("x", "cot"), COT_TARGET]
-        for name in synthetic.TASKS:
-            for ex in synthetic.generate(name, "train", n=40, seed=1):
+        for config in tasks.CptSynthetic.BUILDER_CONFIGS:
+            for ex in synthetic.generate(config.task, "train", n=40, seed=1, layout=config.layout):
                 texts += [ex["question"], COT_TARGET.format(answer=ex["answer"])]
         build_tiny_tokenizer(tok_dir, extra_texts=texts)
     for name in (*TASKS, *GENERAL):
@@ -157,7 +165,7 @@ def pretrain_base(workdir: str, tok_dir: str, data_dir: str, *, steps: int, seed
                     processor=ImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels),
                     template=cfg.data.sft_template, target_format=COT_TARGET, weights=weights, seed=seed,
                     num_threads=2)
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_ratio=0.05,
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=PRETRAIN_LR, schedule="cosine", warmup_ratio=0.05,
                                                total_steps=steps, weight_decay=0.0))
     graphdef, state = create_train_state(model, optimizer, seed)
     step_fn = make_sft_step(graphdef, optimizer)

@@ -31,8 +31,8 @@ def tiny_config(method: str, base: str, data: str, changes: dict | None = None):
     c.data.data_dir = data
     c.data.tasks = TASKS
     c.data.general = GENERAL
-    # The loop's tests were written against these settings; the demo's own (plain prompt, 4 epochs per task,
-    # per-method learning rates) are tuned for its tasks and may change.
+    # The loop's tests were written against these settings; the demo's own (plain prompt, epochs per method) are
+    # tuned for its tasks and may change.
     c.data.template = c.data.sft_template = "cot"
     c.data.length_buckets = (128, 160, 192)
     c.optim.learning_rate = 1e-3
